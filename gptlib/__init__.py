@@ -1,0 +1,18 @@
+"""gptlib: a small, readable GPT-2 style language model library for the gptlib workbook.
+
+The public names below are all a notebook or script needs; each lives in a module with one job.
+"""
+
+from .checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint
+from .config import PRESETS, GPTConfig, preset
+from .data import InstructionCollator, InstructionDataset, TokenWindows, instruction_loader, window_loader
+from .device import pick_device, set_seed
+from .errors import CheckpointError, DataError, UserInputError
+from .evaluate import evaluate_loss, exact_match, perplexity, rouge_l
+from .generate import SamplingSettings, answer_instruction, generate, generate_text, stream
+from .instructions import Example, format_prompt, load_jsonl, split_examples
+from .model import GPTModel, KVCache
+from .tokenizer import EOT_ID, decode, encode, get_tokenizer
+from .train import TrainConfig, TrainResult, train
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""Measuring a model: loss and perplexity over a data loader, and scores for generated answers."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .model import IGNORE_INDEX, GPTModel
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPTModel, loader, max_batches: int | None = None, device=None) -> float:
+    """Mean cross-entropy per labelled token over the loader (every token counts the same)."""
+    device = device or model.device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {key: value.to(device) for key, value in batch.items()}
+            labels = batch["labels"]
+            keep = labels != IGNORE_INDEX
+            if not keep.any():
+                continue
+            h = model.hidden_states(batch["input_ids"], batch.get("attention_mask"))
+            logits = model.out_head(h[keep]).float()  # logits only where a label exists
+            total += float(F.cross_entropy(logits, labels[keep], reduction="sum"))
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no labelled tokens to evaluate: every label is -100 or the loader is empty")
+    return total / count
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss): the number of equally likely tokens the model is, on average, choosing between."""
+    return math.exp(min(loss, 50.0))
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    """Equal after stripping surrounding white space (and otherwise exactly, case included)."""
+    return prediction.strip() == target.strip()
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of words, as an F-measure of precision and recall."""
+    a, b = _words(prediction), _words(reference)
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)

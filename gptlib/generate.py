@@ -1,0 +1,136 @@
+"""Text generation: greedy or sampled, with temperature, top-k, top-p and a repetition penalty.
+
+``stream`` yields token ids one at a time as they are chosen; ``generate`` collects them; ``generate_text``
+goes from a string to a string. The KV cache is on by default; ``use_cache=False`` recomputes the whole context
+for every token (slower, same result), which notebook 06 uses to show what the cache saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .instructions import format_prompt
+from .model import GPTModel, KVCache
+from .tokenizer import EOT_ID, decode, encode
+
+
+@dataclass
+class SamplingSettings:
+    """How the next token is chosen. ``temperature=0`` means greedy (always the most likely token)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make already-seen tokens less likely (CTRL's rule): divide positive logits, multiply negative ones."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    scores = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits; the rest become -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, k).values[..., -1, None]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least ``p`` (nucleus)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, settings: SamplingSettings, seen: torch.Tensor,
+               generator: torch.Generator | None = None) -> int:
+    """Choose one token from a (vocab,) vector of logits."""
+    logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
+    if settings.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / settings.temperature
+    if settings.top_k is not None:
+        logits = filter_top_k(logits, settings.top_k)
+    if settings.top_p is not None:
+        logits = filter_top_p(logits, settings.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def stream(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: SamplingSettings | None = None,
+           eos_id: int | None = EOT_ID, use_cache: bool = True, seed: int | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after ``max_new_tokens`` or at ``eos_id`` (not yielded)."""
+    settings = settings or SamplingSettings()
+    context_length = model.config.context_length
+    ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=model.device)
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    ids = ids[-context_length:]  # a prompt longer than the context keeps its end
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache(model.config, 1, device=model.device, dtype=model.tok_emb.weight.dtype) if use_cache else None
+        logits = model(ids[None], kv_cache=cache, last_only=True)[0, -1]
+        for _ in range(max_new_tokens):
+            token = next_token(logits, settings, ids, generator)
+            if eos_id is not None and token == eos_id:
+                return
+            yield token
+            ids = torch.cat([ids, ids.new_tensor([token])])
+            if cache is None or cache.length >= context_length:
+                # No cache, or the cache is full: recompute over the last context_length tokens.
+                window = ids[-context_length:]
+                if cache is not None:
+                    cache.length = 0
+                logits = model(window[None], kv_cache=cache, last_only=True)[0, -1]
+            else:
+                logits = model(ids[None, -1:], kv_cache=cache, last_only=True)[0, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: SamplingSettings | None = None,
+             eos_id: int | None = EOT_ID, use_cache: bool = True, seed: int | None = None) -> list[int]:
+    """The new token ids (without the prompt), as a list."""
+    return list(stream(model, prompt_ids, max_new_tokens, settings, eos_id, use_cache, seed))
+
+
+def generate_text(model: GPTModel, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                  seed: int | None = None, use_cache: bool = True) -> str:
+    """Continue ``prompt``; return only the new text."""
+    settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
+    return decode(generate(model, encode(prompt), max_new_tokens, settings, use_cache=use_cache, seed=seed))
+
+
+def answer_instruction(model: GPTModel, instruction: str, input: str = "", max_new_tokens: int = 100,
+                       **sampling) -> str:
+    """Wrap an instruction in the prompt template and return the model's response, stripped."""
+    return generate_text(model, format_prompt(instruction, input), max_new_tokens, **sampling).strip()

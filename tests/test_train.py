@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from gptlib import GPTModel, TrainConfig, generate, train, window_loader
+from gptlib.checkpoint import read_checkpoint
+from gptlib.tokenizer import decode, encode
+from gptlib.train import learning_rate
+
+from conftest import tiny_config
+
+SENTENCE = "Every effort moves you forward, one small step at a time."
+
+
+def test_tiny_model_overfits_a_sentence():
+    torch.manual_seed(0)
+    ids = encode(SENTENCE)
+    model = GPTModel(tiny_config())
+    loader = window_loader(ids, length=len(ids) - 1, batch_size=1)
+    result = train(model, loader, cfg=TrainConfig(max_steps=80, lr=1e-2, eval_every=20, progress=False, device="cpu"))
+    assert result.history["train_loss"][0] > 9 and result.history["train_loss"][-1] < 0.05
+    assert decode(generate(model, ids[:3], len(ids) - 3, eos_id=None)) == decode(ids[3:])
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [learning_rate(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def interrupt_at(stop_step):
+    """An on_step callback that presses Ctrl-C once training reaches ``stop_step``."""
+    def on_step(step, loss):
+        if step == stop_step:
+            raise KeyboardInterrupt
+    return on_step
+
+
+def _run(tmp_path, name, loader, resume=None, on_step=None):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(drop_rate=0.2))
+    cfg = TrainConfig(epochs=3, lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2, grad_accum=2,
+                      checkpoint_path=str(tmp_path / name), progress=False, device="cpu")
+    return model, train(model, loader, cfg=cfg, resume=resume, on_step=on_step)
+
+
+def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    text = " ".join(f"line {i} of a small corpus about cats and dogs." for i in range(60))
+    loader = window_loader(encode(text), length=16, batch_size=4, seed=5)
+    full_model, full = _run(tmp_path, "full.pth", loader)
+    assert full.steps == (3 * len(loader) + 1) // 2
+
+    _, cut = _run(tmp_path, "cut.pth", loader, on_step=interrupt_at(7))  # Ctrl-C after step 7
+    assert cut.interrupted and cut.steps == 7
+    resume = read_checkpoint(tmp_path / "cut.pth")
+    assert resume.train_state["step"] == 7
+    resumed_model, resumed = _run(tmp_path, "cut.pth", loader, resume=resume)
+    assert resumed.steps == full.steps and not resumed.interrupted
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert resumed.history["step"] == full.history["step"]
+
+
+def test_gradient_accumulation_matches_a_bigger_batch():
+    text = " ".join(f"sentence number {i} here." for i in range(100))
+    ids = encode(text)
+    results = []
+    for batch_size, accum in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = GPTModel(tiny_config())
+        loader = window_loader(ids, length=16, batch_size=batch_size, shuffle=False)
+        train(model, loader, cfg=TrainConfig(max_steps=3, grad_accum=accum, grad_clip=None, progress=False,
+                                             eval_every=10, eval_batches=1, device="cpu"))
+        results.append(model.tok_emb.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_restores_the_best_weights():
+    torch.manual_seed(0)
+    train_ids, val_ids = encode("a b c d " * 50), encode("completely different words here " * 30)
+    model = GPTModel(tiny_config())
+    result = train(model, window_loader(train_ids, 16, 4), window_loader(val_ids, 16, 4, shuffle=False),
+                   TrainConfig(max_steps=400, lr=1e-2, eval_every=5, patience=2, progress=False, device="cpu"))
+    assert result.stopped_early and result.steps < 400
+    from gptlib import evaluate_loss
+    val = evaluate_loss(model, window_loader(val_ids, 16, 4, shuffle=False), max_batches=20)
+    assert val == pytest.approx(result.best_val_loss, rel=1e-5)
