@@ -68,3 +68,24 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(a), lcs / len(b)
     return 2 * precision * recall / (precision + recall)
+
+
+def score_answers(model: GPTModel, examples, max_new_tokens: int = 128, progress: bool = False) -> dict:
+    """Greedy answers to instruction examples, scored by exact match and ROUGE-L against the references.
+
+    Returns ``{"exact_match", "rouge_l", "predictions": [{"instruction", "input", "reference", "prediction",
+    "exact_match", "rouge_l"}, ...]}``, the two scores being means over the examples.
+    """
+    from tqdm.auto import tqdm
+
+    from .generate import answer_instruction
+
+    rows = []
+    for example in tqdm(examples, desc="answering", disable=not progress):
+        prediction = answer_instruction(model, example.instruction, example.input, max_new_tokens)
+        rows.append({"instruction": example.instruction, "input": example.input, "reference": example.response,
+                     "prediction": prediction, "exact_match": exact_match(prediction, example.response),
+                     "rouge_l": rouge_l(prediction, example.response)})
+    n = max(1, len(rows))
+    return {"exact_match": sum(r["exact_match"] for r in rows) / n,
+            "rouge_l": sum(r["rouge_l"] for r in rows) / n, "predictions": rows}

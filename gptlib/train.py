@@ -133,13 +133,14 @@ def _step_seed(seed: int, step: int) -> int:
 
 def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | None = None,
           optimizer: torch.optim.Optimizer | None = None, resume: Checkpoint | None = None,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, extra_state: dict | None = None) -> TrainResult:
     """Train ``model`` in place and return its loss history.
 
     ``resume`` is a :class:`~gptlib.checkpoint.Checkpoint` read from a file this function saved; training
     continues from its step with its weights and optimizer state. Ctrl-C saves a resumable checkpoint (when
     ``cfg.checkpoint_path`` is set) and returns with ``interrupted=True``. ``on_step(step, loss)`` is called
-    after every optimizer step (for logging, or plotting as training goes).
+    after every optimizer step (for logging, or plotting as training goes). ``extra_state`` is stored in every
+    checkpoint's ``train_state`` (a recipe keeps its own bookkeeping there).
     """
     cfg = cfg or TrainConfig()
     device = pick_device(cfg.device)
@@ -195,7 +196,8 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
         if cfg.checkpoint_path:
             save_checkpoint(cfg.checkpoint_path, model, optimizer, {
                 "step": step, "total_steps": total_steps, "tokens": tokens_seen, "best_val_loss": best,
-                "bad_evals": bad_evals, "history": history, "train_config": _plain(asdict(cfg))})
+                "bad_evals": bad_evals, "history": history, "train_config": _plain(asdict(cfg)),
+                **(extra_state or {})})
 
     step = start_step
     bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, desc="training", unit="step")
@@ -231,8 +233,10 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
             if step % cfg.eval_every == 0 or step == total_steps:
                 evaluate(step)
                 model.train()
-                bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}",
-                                val="-" if history["val_loss"][-1] is None else f"{history['val_loss'][-1]:.3f}")
+                val_text = "-" if history["val_loss"][-1] is None else f"{history['val_loss'][-1]:.3f}"
+                bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=val_text)
+                if cfg.progress:
+                    bar.write(f"step {step}: train loss {history['train_loss'][-1]:.3f}, val loss {val_text}")
                 if cfg.patience is not None and bad_evals >= cfg.patience:
                     result.stopped_early = True
                     break
@@ -261,15 +265,3 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def read_resume_state(path) -> Checkpoint:
-    """A checkpoint to resume from, refusing files that carry no training state."""
-    from .checkpoint import read_checkpoint
-    ckpt = read_checkpoint(path)
-    if not ckpt.train_state or ckpt.optimizer_state is None:
-        raise CheckpointError(f"{path}: has no training state to resume from (it was not saved by gptlib's "
-                              "training loop); start a new run with it as the base checkpoint instead")
-    if not Path(path).exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    return ckpt

@@ -1,0 +1,355 @@
+"""The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate.
+
+Exit status: 0 on success, 2 on bad input (one ``error:`` line on stderr, nothing written), 1 on an internal
+failure, 130 when interrupted (training saves its progress first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserInputError
+
+EXAMPLES = {
+    "finetune": "example:\n  gptlib finetune --checkpoint model_and_optimizer.pth --n-heads 4 \\\n"
+                "      --data dataset/sarcasm/sarcasm_instruction_pairs.jsonl --out checkpoints/sarcasm.pth",
+    "pretrain": "example:\n  gptlib pretrain --data dataset/pretraining/shakespeare_train.txt \\\n"
+                "      --val-data dataset/pretraining/shakespeare_val.txt --preset tiny --max-steps 2000 "
+                "--out checkpoints/pretrained.pth",
+    "generate": "examples:\n  gptlib generate --checkpoint checkpoints/pretrained.pth \"ROMEO:\" --temperature 0.8 "
+                "--top-k 50\n  gptlib generate --checkpoint checkpoints/sarcasm.pth --instruction "
+                "\"How do I boil an egg?\"",
+    "chat": "example:\n  gptlib chat --checkpoint checkpoints/sarcasm.pth",
+    "eval": "example:\n  gptlib eval --checkpoint checkpoints/sarcasm.pth --data "
+            "dataset/sarcasm/sarcasm_instruction_pairs.jsonl --split test --json",
+    "validate": "example:\n  gptlib validate --data my_pairs.jsonl --context-length 256",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error:`` line and exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _add_checkpoint(p, required=True):
+    p.add_argument("--checkpoint", type=Path, required=required, metavar="PTH",
+                   help="a .pth file: gptlib's own, an 'LLMs from scratch' {model_state_dict, optimizer_state_dict} "
+                        "file, or a bare state_dict")
+    p.add_argument("--n-heads", type=positive_int, help="attention heads; needed only for checkpoints without a config")
+
+
+def _add_sampling(p):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=positive_int, default=200, help="at most this many new tokens (200)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; higher is more random (0)")
+    g.add_argument("--top-k", type=positive_int, help="sample only among the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample only among the most likely tokens whose probability adds to p")
+    g.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="above 1 makes tokens already present less likely (1.0: off)")
+    g.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slower)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+
+
+def _add_training(p, lr, epochs, batch_size, eval_every):
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"examples per step ({batch_size})")
+    g.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate ({lr:g})")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help=f"passes over the training data ({epochs})")
+    g.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps instead")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warmup steps")
+    g.add_argument("--eval-every", type=positive_int, default=eval_every,
+                   help=f"steps between validation evaluations ({eval_every})")
+    g.add_argument("--save-every", type=positive_int, help="steps between progress saves (default: --eval-every)")
+    g.add_argument("--seed", type=int, default=123, help="seed for the split, batch order and dropout (123)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT's progress file (<out>.progress.pth) after a crash or Ctrl-C")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only when the run succeeds)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="gptlib", description="Pretrain, fine-tune, sample and evaluate small GPT models.",
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="Run `gptlib COMMAND --help` for each command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name, help_text, description):
+        return sub.add_parser(name, help=help_text, description=description, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("finetune", "fine-tune a checkpoint on instruction data (JSONL)",
+                "Fine-tune a .pth checkpoint on a JSONL file of instructions and responses. The file is split "
+                "85/10/5 into train/test/validation with a fixed seed; loss is taken on response tokens only. "
+                "Writes OUT (.pth), OUT's .loss.png and .metrics.json, and prints the test-split response loss "
+                "before and after. Ctrl-C saves progress; --resume continues.")
+    _add_checkpoint(p)
+    p.add_argument("--data", type=Path, required=True, help="JSONL, one object per line (instruction/response, "
+                   "Alpaca instruction/input/output, prompt/response, question/answer, Dolly)")
+    p.add_argument("--out", type=Path, required=True, help="the fine-tuned checkpoint to write (.pth)")
+    _add_training(p, lr=5e-5, epochs=4, batch_size=8, eval_every=50)
+    p.add_argument("--no-prompt-mask", action="store_true", help="take the loss on prompt tokens too")
+    p.add_argument("--truncation", choices=("right", "left"), default="right",
+                   help="which end of over-long examples to cut (right: the response's end; left: the prompt's start)")
+    p.add_argument("--drop-rate", type=float, help="dropout while fine-tuning (default: the checkpoint's, or 0.1)")
+
+    p = command("pretrain", "pretrain a new model on plain text",
+                "Pretrain a new GPT on a UTF-8 text file or a folder of .txt files. Validation is --val-data, or "
+                "the last --val-fraction of the tokens. Writes OUT (.pth), .loss.png and .metrics.json.")
+    p.add_argument("--data", type=Path, required=True, help="a .txt file or a folder of .txt files")
+    p.add_argument("--val-data", type=Path, help="validation text (file or folder)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out when no --val-data")
+    p.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.pth)")
+    p.add_argument("--preset", default="tiny", help="model size: tiny (default), seed-small or gpt2-124m")
+    for name in ("context-length", "emb-dim", "n-layers", "n-heads"):
+        p.add_argument(f"--{name}", type=positive_int, help=f"override the preset's {name.replace('-', '_')}")
+    p.add_argument("--drop-rate", type=float, help="override the preset's dropout")
+    _add_training(p, lr=1e-3, epochs=1, batch_size=16, eval_every=100)
+
+    p = command("generate", "continue a prompt, or answer an instruction",
+                "Print only the generated text, as it is produced.")
+    _add_checkpoint(p)
+    p.add_argument("prompt", nargs="?", help="plain text to continue")
+    p.add_argument("--instruction", help="wrap this instruction in the prompt template instead")
+    p.add_argument("--input", default="", help="the template's optional input section")
+    _add_sampling(p)
+
+    p = command("chat", "answer instructions typed at the terminal, one per turn",
+                "Each line you type is a new instruction; an empty line, 'exit' or Ctrl-D ends the chat.")
+    _add_checkpoint(p)
+    _add_sampling(p)
+
+    p = command("eval", "score a checkpoint on instruction data",
+                "Response loss and perplexity (teacher-forced), then exact match and ROUGE-L of greedy answers.")
+    _add_checkpoint(p)
+    p.add_argument("--data", type=Path, required=True, help="JSONL instruction data")
+    p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
+                   help="use the whole file (default) or one part of the 85/10/5 split")
+    p.add_argument("--seed", type=int, default=123, help="the split's seed (123, as finetune)")
+    p.add_argument("--limit", type=positive_int, help="score at most this many examples")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--predictions", type=Path, help="write every answer with its scores to this JSONL file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("validate", "check a JSONL instruction file and list every problem",
+                "Every bad line is reported with its number; exit status 2 if there is any.")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--context-length", type=positive_int,
+                   help="also report examples whose prompt alone fills this many tokens")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_finetune(args) -> int:
+    from .recipes import FinetuneOptions, finetune
+    opts = FinetuneOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, n_heads=args.n_heads,
+                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                           epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
+                           save_every=args.save_every, warmup_steps=args.warmup_steps or 0,
+                           mask_prompt=not args.no_prompt_mask, truncation=args.truncation, drop_rate=args.drop_rate,
+                           resume=args.resume, overwrite=args.overwrite, seed=args.seed, device=args.device,
+                           progress=not args.quiet)
+    return _report(finetune(opts, log=_log))
+
+
+def cmd_pretrain(args) -> int:
+    from .recipes import PretrainOptions, pretrain
+    opts = PretrainOptions(data=args.data, out=args.out, preset=args.preset, context_length=args.context_length,
+                           emb_dim=args.emb_dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                           drop_rate=args.drop_rate, val_data=args.val_data, val_fraction=args.val_fraction,
+                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                           epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
+                           warmup_steps=50 if args.warmup_steps is None else args.warmup_steps,
+                           save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+                           seed=args.seed, device=args.device, progress=not args.quiet)
+    return _report(pretrain(opts, log=_log))
+
+
+def _report(metrics: dict) -> int:
+    if metrics.get("interrupted"):
+        _log(f"interrupted after step {metrics['steps']}; progress saved in {metrics['progress']}: "
+             "run the same command with --resume to continue")
+        return 130
+    outputs = metrics["outputs"]
+    _log(f"wrote {outputs['checkpoint']}, {outputs['plot']} and {outputs['metrics']}")
+    return 0
+
+
+def _load_for_inference(args):
+    from .checkpoint import load_model
+    from .device import pick_device
+    model, _ = load_model(args.checkpoint, n_heads=args.n_heads, device=pick_device(args.device))
+    return model.eval()
+
+
+def _settings(args):
+    from .generate import SamplingSettings
+    try:
+        return SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+
+
+def _print_stream(model, prompt: str, args) -> None:
+    from .generate import stream
+    from .tokenizer import encode, get_tokenizer
+    tokenizer = get_tokenizer()
+    pending = b""
+    for token in stream(model, encode(prompt), args.max_new_tokens, _settings(args),
+                        use_cache=not args.no_cache, seed=args.seed):
+        pending += tokenizer.decode_single_token_bytes(token)
+        try:  # a character can span several tokens: print once its bytes are complete
+            sys.stdout.write(pending.decode("utf-8"))
+            sys.stdout.flush()
+            pending = b""
+        except UnicodeDecodeError:
+            continue
+    sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
+    sys.stdout.flush()
+
+
+def cmd_generate(args) -> int:
+    from .instructions import format_prompt
+    if (args.prompt is None) == (args.instruction is None):
+        raise UserInputError("give either a PROMPT or --instruction (not both, not neither)")
+    if args.input and args.instruction is None:
+        raise UserInputError("--input goes with --instruction")
+    _settings(args)  # check the flags before loading anything
+    model = _load_for_inference(args)
+    prompt = args.prompt if args.instruction is None else format_prompt(args.instruction, args.input)
+    if not prompt:
+        raise UserInputError("the prompt is empty")
+    _print_stream(model, prompt, args)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .instructions import format_prompt
+    _settings(args)
+    model = _load_for_inference(args)
+    _log("type an instruction and press Enter; an empty line, 'exit' or Ctrl-D quits")
+    while True:
+        try:
+            instruction = input("instruction> ").strip()
+        except EOFError:
+            break
+        if not instruction or instruction.lower() in ("exit", "quit"):
+            break
+        _print_stream(model, format_prompt(instruction), args)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import instruction_loader
+    from .evaluate import evaluate_loss, perplexity, score_answers
+    from .files import atomic_write
+    from .instructions import load_jsonl, split_examples
+    if args.predictions is not None and not args.predictions.parent.is_dir():
+        raise UserInputError(f"--predictions {args.predictions}: the folder {args.predictions.parent} does not exist")
+    examples = load_jsonl(args.data)
+    if args.split != "all":
+        examples = getattr(split_examples(examples, seed=args.seed), args.split)
+    examples = examples[: args.limit] if args.limit else examples
+    model = _load_for_inference(args)
+    loader = instruction_loader(examples, args.batch_size, model.config.context_length, shuffle=False)
+    try:
+        loss = evaluate_loss(model, loader)
+    except ValueError as exc:
+        raise UserInputError(f"{args.data}: {exc} (are the examples longer than the context?)") from None
+    scores = score_answers(model, examples, args.max_new_tokens, progress=not args.quiet)
+    result = {"examples": len(examples), "response_loss": loss, "perplexity": perplexity(loss),
+              "exact_match": scores["exact_match"], "rouge_l": scores["rouge_l"]}
+    if args.predictions is not None:
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scores["predictions"])
+        atomic_write(args.predictions, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"examples:      {result['examples']}\nresponse loss: {loss:.4f}\nperplexity:    "
+              f"{result['perplexity']:.2f}\nexact match:   {result['exact_match']:.1%}\nROUGE-L:       "
+              f"{result['rouge_l']:.3f}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .instructions import read_jsonl
+    from .errors import DataError
+    examples, problems = read_jsonl(args.data)
+    if args.context_length:
+        from .data import tokenize_example
+        for example in examples:
+            item = tokenize_example(example)
+            if item.prompt_len >= args.context_length:
+                problems.append(f"{args.data}:{example.line}: the prompt alone is {item.prompt_len} tokens, "
+                                f"more than the context of {args.context_length}: no response token would be learned")
+    if problems:
+        for problem in problems:
+            print(problem)
+        raise DataError(f"{args.data}: {len(problems)} problem(s), listed above")
+    print(f"ok: {len(examples)} examples in {args.data}")
+    return 0
+
+
+COMMANDS = {"finetune": cmd_finetune, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
+            "eval": cmd_eval, "validate": cmd_validate}
+
+
+def _log(message: str, file=None) -> None:
+    print(message, file=file or sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserInputError as exc:
+        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Whole workflows behind the command line: fine-tune a checkpoint on a JSONL file, pretrain on text.
+
+Each run checks every input before it writes anything, saves progress to ``<out>.progress.pth`` while it
+trains (so ``resume=True`` can continue after a crash or Ctrl-C), and only at the end writes its outputs,
+each atomically: ``<out>.pth``, ``<out>.loss.png`` and ``<out>.metrics.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .checkpoint import GPTModel, load_model, read_checkpoint, save_checkpoint
+from .config import PRESETS, preset
+from .data import InstructionCollator, InstructionDataset, instruction_loader, window_loader
+from .device import pick_device, set_seed
+from .errors import DataError, UserInputError
+from .evaluate import evaluate_loss, perplexity
+from .files import atomic_write
+from .instructions import load_jsonl, split_examples
+from .model import IGNORE_INDEX
+from .tokenizer import EOT_ID, encode
+from .train import TrainConfig, train
+
+
+@dataclass
+class RunPaths:
+    out: Path
+
+    @property
+    def progress(self) -> Path:
+        return self.out.with_name(self.out.stem + ".progress.pth")
+
+    @property
+    def plot(self) -> Path:
+        return self.out.with_suffix(".loss.png")
+
+    @property
+    def metrics(self) -> Path:
+        return self.out.with_suffix(".metrics.json")
+
+
+def check_output(out: Path, inputs: list[Path], overwrite: bool, resume: bool) -> RunPaths:
+    """Refuse an output path that cannot or should not be written, before any work starts."""
+    out = Path(out)
+    if out.suffix != ".pth":
+        raise UserInputError(f"--out {out}: give a file name ending in .pth")
+    if not out.parent.is_dir():
+        raise UserInputError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise UserInputError(f"--out {out}: the folder {out.parent} is not writable")
+    if out.is_dir():
+        raise UserInputError(f"--out {out}: is a directory; give a file name ending in .pth")
+    for path in inputs:
+        if path.exists() and out.resolve() == path.resolve():
+            raise UserInputError(f"--out {out}: would overwrite the input {path}; choose another name")
+    if out.exists() and not (overwrite or resume):
+        raise UserInputError(f"--out {out}: already exists; pass --overwrite to replace it (only when the run succeeds)")
+    paths = RunPaths(out)
+    if resume and not paths.progress.exists():
+        raise UserInputError(f"--resume: there is no progress file {paths.progress} to resume from; "
+                             "start the run without --resume")
+    return paths
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            flag = "--" + name.replace("_", "-")
+            raise UserInputError(f"{flag} must be positive, got {value}")
+
+
+def _resume_checkpoint(paths: RunPaths, data_hash: str):
+    ckpt = read_checkpoint(paths.progress)
+    state = ckpt.train_state
+    if not state or ckpt.optimizer_state is None:
+        raise UserInputError(f"{paths.progress}: holds no training state to resume from")
+    if state.get("data_sha256") not in (None, data_hash):
+        raise UserInputError(f"--resume: {paths.progress} was trained on other data (the data file changed); "
+                             "start a new run without --resume")
+    return ckpt
+
+
+def _finish(model: GPTModel, result, paths: RunPaths, metrics: dict, title: str) -> dict:
+    from .plots import plot_losses
+    metrics.update(steps=result.steps, best_val_loss=result.best_val_loss, seconds=round(result.seconds, 1),
+                   history=result.history, outputs={"checkpoint": str(paths.out), "plot": str(paths.plot),
+                                                    "metrics": str(paths.metrics)})
+    save_checkpoint(paths.out, model, None, {"history": result.history, "steps": result.steps})
+    ax = plot_losses(result.history, title=title, path=paths.plot)
+    import matplotlib.pyplot as plt
+    plt.close(ax.figure)
+    atomic_write(paths.metrics, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+    paths.progress.unlink(missing_ok=True)
+    return metrics
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+@dataclass
+class FinetuneOptions:
+    checkpoint: Path
+    data: Path
+    out: Path
+    n_heads: int | None = None
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    epochs: int = 4
+    max_steps: int | None = None
+    eval_every: int = 50
+    save_every: int | None = None
+    warmup_steps: int = 0
+    mask_prompt: bool = True
+    truncation: str = "right"
+    drop_rate: float | None = None
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 123
+    device: str = "auto"
+    progress: bool = True
+
+
+def count_trainable(examples, max_length: int, mask_prompt: bool, truncation: str) -> int:
+    """How many examples keep at least one labelled token after truncation to ``max_length``."""
+    collator = InstructionCollator(max_length, mask_prompt=mask_prompt, truncation=truncation)
+    dataset = InstructionDataset(examples)
+    return sum(any(label != IGNORE_INDEX for label in collator.inputs_and_labels(item)[1]) for item in dataset)
+
+
+def finetune(opts: FinetuneOptions, log=print) -> dict:
+    """Fine-tune a checkpoint on instruction data; return the metrics (also written as JSON)."""
+    opts.checkpoint, opts.data, opts.out = Path(opts.checkpoint), Path(opts.data), Path(opts.out)
+    _check_positive(batch_size=opts.batch_size, lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps,
+                    eval_every=opts.eval_every, save_every=opts.save_every)
+    if opts.weight_decay < 0:
+        raise UserInputError(f"--weight-decay must be zero or positive, got {opts.weight_decay}")
+    paths = check_output(opts.out, [opts.checkpoint, opts.data], opts.overwrite, opts.resume)
+    examples = load_jsonl(opts.data)
+    split = split_examples(examples, seed=opts.seed)
+    data_hash = file_sha256(opts.data)
+
+    resume = _resume_checkpoint(paths, data_hash) if opts.resume else None
+    if resume is not None:
+        model = GPTModel(resume.config)
+    else:
+        model, _ = load_model(opts.checkpoint, n_heads=opts.n_heads, drop_rate=opts.drop_rate)
+    max_length = model.config.context_length
+    usable = count_trainable(split.train, max_length, opts.mask_prompt, opts.truncation)
+    if usable == 0:
+        raise DataError(f"{opts.data}: every training example is longer than the model's context "
+                        f"({max_length} tokens) before its response starts, so nothing is left to learn from; "
+                        "shorten the prompts or use --truncation left")
+    if usable < len(split.train):
+        log(f"note: {len(split.train) - usable} of {len(split.train)} training examples lose their whole "
+            f"response to truncation at {max_length} tokens and teach nothing", file=sys.stderr)
+
+    set_seed(opts.seed)
+    device = pick_device(opts.device)
+    model.to(device)
+    make = dict(max_length=max_length, mask_prompt=opts.mask_prompt, truncation=opts.truncation, seed=opts.seed)
+    train_loader = instruction_loader(split.train, opts.batch_size, shuffle=True, **make)
+    val_loader = instruction_loader(split.val, opts.batch_size, shuffle=False, **make)
+    test_loader = instruction_loader(split.test, opts.batch_size, shuffle=False, **make)
+    log(f"data: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test examples "
+        f"from {opts.data}; model: {model.num_parameters():,} parameters on {device}")
+
+    if resume is not None:
+        test_before = resume.train_state["test_loss_before"]
+    else:
+        test_before = evaluate_loss(model, test_loader, device=device)
+    cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
+                      betas=(0.9, 0.999), warmup_steps=opts.warmup_steps, schedule="constant",
+                      eval_every=opts.eval_every, eval_batches=None, checkpoint_path=str(paths.progress),
+                      save_every=opts.save_every, seed=opts.seed, device=str(device), progress=opts.progress)
+    result = train(model, train_loader, val_loader, cfg, resume=resume,
+                   extra_state={"data_sha256": data_hash, "test_loss_before": test_before})
+    if result.interrupted:
+        return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress)}
+    test_after = evaluate_loss(model, test_loader, device=device)
+    log(f"test-split response loss: {test_before:.3f} -> {test_after:.3f} "
+        f"(perplexity {perplexity(test_before):.1f} -> {perplexity(test_after):.1f})")
+    metrics = {"command": "finetune", "base_checkpoint": str(opts.checkpoint), "data": str(opts.data),
+               "data_sha256": data_hash, "examples": {"train": len(split.train), "val": len(split.val),
+                                                      "test": len(split.test)},
+               "test_loss_before": test_before, "test_loss_after": test_after,
+               "test_perplexity_before": perplexity(test_before), "test_perplexity_after": perplexity(test_after),
+               "options": _plain_options(opts)}
+    return _finish(model, result, paths, metrics, title=f"Fine-tuning on {opts.data.name}")
+
+
+# ---------------------------------------------------------------- pretraining
+
+@dataclass
+class PretrainOptions:
+    data: Path
+    out: Path
+    preset: str = "tiny"
+    context_length: int | None = None
+    emb_dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    drop_rate: float | None = None
+    val_data: Path | None = None
+    val_fraction: float = 0.1
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_steps: int = 50
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 123
+    device: str = "auto"
+    progress: bool = True
+
+
+def read_text(path: Path) -> str:
+    """A .txt file, or every .txt file of a folder (sorted), joined with <|endoftext|>."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: the folder holds no .txt files")
+    texts = []
+    for file in files:
+        raw = file.read_bytes()
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise DataError(f"{file}:{line}: not valid UTF-8 (byte offset {exc.start}); save the text as UTF-8") from None
+    text = "<|endoftext|>".join(t for t in texts if t.strip())
+    if not text.strip():
+        raise DataError(f"{path}: holds no text")
+    return text
+
+
+def pretrain(opts: PretrainOptions, log=print) -> dict:
+    """Pretrain a fresh model on plain text; return the metrics (also written as JSON)."""
+    opts.data, opts.out = Path(opts.data), Path(opts.out)
+    _check_positive(batch_size=opts.batch_size, lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps,
+                    eval_every=opts.eval_every, save_every=opts.save_every)
+    if opts.preset not in PRESETS:
+        raise UserInputError(f"--preset {opts.preset}: unknown; choose one of {', '.join(PRESETS)}")
+    overrides = {k: getattr(opts, k) for k in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate")
+                 if getattr(opts, k) is not None}
+    try:
+        config = preset(opts.preset, **overrides)
+    except ValueError as exc:
+        raise UserInputError(f"model size: {exc}") from None
+    inputs = [opts.data] + ([Path(opts.val_data)] if opts.val_data else [])
+    paths = check_output(opts.out, inputs, opts.overwrite, opts.resume)
+    text = read_text(opts.data)
+    data_hash = hashlib.sha256(text.encode()).hexdigest()
+    ids = encode(text)
+    if opts.val_data:
+        train_ids, val_ids = ids, encode(read_text(Path(opts.val_data)))
+    else:
+        if not 0 < opts.val_fraction < 1:
+            raise UserInputError(f"--val-fraction must be between 0 and 1, got {opts.val_fraction}")
+        cut = int(len(ids) * (1 - opts.val_fraction))
+        train_ids, val_ids = ids[:cut], ids[cut:]
+    ctx = config.context_length
+    for name, part in (("training", train_ids), ("validation", val_ids)):
+        if len(part) < ctx + 1:
+            raise DataError(f"{opts.data}: the {name} text has {len(part)} tokens, fewer than one window of "
+                            f"{ctx} + 1; give more text or a smaller --context-length")
+
+    resume = _resume_checkpoint(paths, data_hash) if opts.resume else None
+    set_seed(opts.seed)
+    model = GPTModel(resume.config if resume is not None else config)
+    device = pick_device(opts.device)
+    train_loader = window_loader(train_ids, ctx, opts.batch_size, shuffle=True, seed=opts.seed)
+    val_loader = window_loader(val_ids, ctx, opts.batch_size, shuffle=False)
+    log(f"data: {len(train_ids):,} training and {len(val_ids):,} validation tokens; model: "
+        f"{model.num_parameters():,} parameters on {device}")
+    cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
+                      warmup_steps=opts.warmup_steps, eval_every=opts.eval_every, eval_batches=opts.eval_batches,
+                      checkpoint_path=str(paths.progress), save_every=opts.save_every, seed=opts.seed,
+                      device=str(device), progress=opts.progress)
+    result = train(model, train_loader, val_loader, cfg, resume=resume, extra_state={"data_sha256": data_hash})
+    if result.interrupted:
+        return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress)}
+    metrics = {"command": "pretrain", "data": str(opts.data), "config": model.config.to_dict(),
+               "tokens": {"train": len(train_ids), "val": len(val_ids)},
+               "final_val_loss": result.history["val_loss"][-1], "options": _plain_options(opts)}
+    return _finish(model, result, paths, metrics, title=f"Pretraining on {opts.data.name}")
+
+
+def _plain_options(opts) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
+
+
+__all__ = ["FinetuneOptions", "PretrainOptions", "finetune", "pretrain", "RunPaths", "EOT_ID"]
