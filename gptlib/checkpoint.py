@@ -191,7 +191,7 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
+        if "Unsupported global" in str(exc):  # a class or function reference: the file wants to run code
             raise CheckpointError(
                 f"{path}: holds pickled Python objects, not only tensors; gptlib loads with weights_only=True "
                 "and refuses it, since such a file can run code. Re-save just the state_dict "
