@@ -21,6 +21,14 @@ VOCAB_SIZE = 50257
 _RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 
+PRETOKENIZE_PATTERN = r50k_pat_str  # splits text into words, numbers, punctuation and spaces before BPE
+
+
+def bpe_ranks() -> dict[bytes, int]:
+    """GPT-2's merge table: byte string -> rank (id). Lower ranks were merged earlier in training."""
+    return dict(get_tokenizer()._mergeable_ranks)
+
+
 def _load_ranks() -> dict[bytes, int]:
     data = resources.files("gptlib").joinpath("assets/gpt2.tiktoken").read_bytes()
     if hashlib.sha256(data).hexdigest() != _RANKS_SHA256:
@@ -38,7 +46,7 @@ def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 tokenizer, identical to ``tiktoken.get_encoding("gpt2")``, built offline."""
     return tiktoken.Encoding(
         name="gpt2",
-        pat_str=r50k_pat_str,
+        pat_str=PRETOKENIZE_PATTERN,
         mergeable_ranks=_load_ranks(),
         special_tokens={END_OF_TEXT: EOT_ID},
         explicit_n_vocab=VOCAB_SIZE,

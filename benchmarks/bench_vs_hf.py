@@ -1,0 +1,366 @@
+"""gptlib against Hugging Face ``GPT2LMHeadModel``: same config, same weights, same process, as ratios.
+
+    python benchmarks/bench_vs_hf.py --config seed-small --repeats 5
+    python benchmarks/bench_vs_hf.py --quick          # a tiny smoke run (seconds)
+
+It first checks that both models compute the same function (logits close, identical greedy tokens), then times,
+alternating gptlib and HF (A/B, B/A, ...) over ``--repeats`` and reporting medians:
+  (a) a fine-tuning step (forward, backward, clip, AdamW) on real sarcasm batches: supervised tokens/s;
+  (b) a pretraining step on full windows: tokens/s, and FLOP/s as a share of a matmul peak measured here;
+  (c) greedy generation, batch 1: tokens/s against HF ``generate`` and against the loop with no cache;
+  (d) peak memory of one step of (a) and (b), each in a fresh subprocess (see ``measure_memory``).
+Needs transformers: ``pip install 'gptlib[hf]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gptlib import preset
+from gptlib.data import instruction_loader, padding_share, window_loader
+from gptlib.generate import generate
+from gptlib.instructions import load_jsonl, split_examples
+from gptlib.model import IGNORE_INDEX, GPTModel
+from gptlib.tokenizer import encode
+from gptlib.train import TrainConfig, _autocast, batch_loss, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SARCASM = ROOT / "dataset" / "sarcasm" / "sarcasm_instruction_pairs.jsonl"
+PRETRAIN = ROOT / "dataset" / "pretraining" / "shakespeare_train.txt"
+INSTALL_HINT = "transformers is not installed: pip install 'gptlib[hf]'  (or: pip install transformers)"
+
+
+# ---------------------------------------------------------------- the two models, same weights
+
+def hf_config(cfg):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                      n_layer=cfg.n_layers, n_head=cfg.n_heads, activation_function="gelu_new",
+                      resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
+                      layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_weights,
+                      bos_token_id=50256, eos_token_id=50256, attn_implementation="sdpa")
+
+
+def to_hf_state(model: GPTModel) -> dict:
+    """gptlib's state dict in HF GPT-2's names. HF's Conv1D stores weights as (in, out): transposed."""
+    sd, cfg = model.state_dict(), model.config
+    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
+           "transformer.ln_f.weight": sd["final_norm.weight"], "transformer.ln_f.bias": sd["final_norm.bias"],
+           "lm_head.weight": sd["out_head.weight"]}
+    for i in range(cfg.n_layers):
+        g, h = f"blocks.{i}.", f"transformer.h.{i}."
+        out[h + "attn.c_attn.weight"] = sd[g + "att.qkv.weight"].t()
+        out[h + "attn.c_attn.bias"] = sd.get(g + "att.qkv.bias", torch.zeros(3 * cfg.emb_dim))  # qkv_bias=False: 0
+        for hn, gn in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.fc"), ("mlp.c_proj", "ff.proj")):
+            out[h + hn + ".weight"] = sd[g + gn + ".weight"].t()
+            out[h + hn + ".bias"] = sd[g + gn + ".bias"]
+        for hn, gn in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[h + hn + ".weight"] = sd[g + gn + ".weight"]
+            out[h + hn + ".bias"] = sd[g + gn + ".bias"]
+    return {k: v.clone().contiguous() for k, v in out.items()}
+
+
+def build_models(config_name: str):
+    """gptlib's model and an HF GPT2LMHeadModel holding the same weights (via gptlib.hf when it exists)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = preset(config_name)
+    ours = GPTModel(cfg)
+    try:
+        from gptlib.hf import to_hf  # written by another issue; our own mapping otherwise
+        theirs = to_hf(ours)
+    except ImportError:
+        theirs = GPT2LMHeadModel(hf_config(cfg))
+        missing, unexpected = theirs.load_state_dict(to_hf_state(ours), strict=False)
+        assert not unexpected and all(k.endswith("attn.bias") or k.endswith("masked_bias") for k in missing), \
+            (missing, unexpected)
+    return ours, theirs
+
+
+def hf_greedy(hf, prompt, n):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                      use_cache=True, pad_token_id=50256, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def check_agreement(ours, hf, prompt) -> dict:
+    ours.eval(), hf.eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        diff = (ours(ids) - hf(ids).logits).abs().max().item()
+    a = generate(ours, prompt, 20, eos_id=None)
+    b = hf_greedy(hf, prompt, 20)
+    if diff > 1e-3 or a != b:
+        raise SystemExit(f"the two models disagree: max |logit diff| {diff:.2e}, greedy tokens equal: {a == b}")
+    return {"max_logit_diff": diff, "greedy_equal": a == b}
+
+
+# ---------------------------------------------------------------- data
+
+def finetune_batches(cfg, batch_size: int, n: int) -> list[dict]:
+    split = split_examples(load_jsonl(SARCASM))
+    loader = instruction_loader(split.train, batch_size=batch_size, max_length=cfg.context_length)
+    return [b for _, b in zip(range(n), loader)]
+
+
+def hf_finetune_batch(batch: dict, context_length: int) -> dict:
+    """The usual HF form of the same batch: the whole text as input_ids, labels = input_ids with -100 masks.
+
+    gptlib's batches are already shifted (labels[t] = ids[t + 1]); HF shifts inside. So HF gets the full
+    sequence (one token longer) and exactly the same supervised targets.
+    """
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    if ids.shape[1] + 1 > context_length:
+        raise SystemExit("a fine-tuning batch is too long for the HF form; lower the batch width")
+    lengths = mask.sum(1)
+    full = torch.cat([ids, ids[:, :1]], dim=1)
+    full_mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+    rows = torch.arange(len(ids))
+    full[rows, lengths] = labels[rows, lengths - 1].clamp(min=0)  # the last token of each row
+    full_mask[rows, lengths] = 1
+    hf_labels = torch.full_like(full, IGNORE_INDEX)
+    hf_labels[:, 1:] = labels
+    return {"input_ids": full, "attention_mask": full_mask, "labels": hf_labels}
+
+
+def pretrain_batch(cfg, batch_size: int) -> dict:
+    ids = encode(PRETRAIN.read_text(encoding="utf-8")[:200_000])
+    return next(iter(window_loader(ids, cfg.context_length, batch_size, shuffle=False)))
+
+
+# ---------------------------------------------------------------- one training step each
+
+def gptlib_trainer(model: GPTModel, precision: str = "auto"):
+    cfg = TrainConfig(lr=1e-5, precision=precision, progress=False)
+    optimizer = make_optimizer(model, cfg)
+
+    def step(batch: dict) -> None:
+        with _autocast(model.device, cfg.precision):
+            loss, _ = batch_loss(model, batch, model.device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def hf_trainer(hf):
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5)  # what HF's Trainer builds by default
+
+    def step(batch: dict) -> None:
+        loss = hf(**batch).loss  # HF's standard loss: full logits, shifted, cross-entropy
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ab(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of fa and fb, alternating which goes first, after two untimed warm-ups each.
+
+    (The first calls with a new shape are slow on CPU: oneDNN builds kernels and fresh memory is paged in.)"""
+    for _ in range(2):
+        fa(), fb()
+    ta, tb = [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            ta.append(timed(fa)), tb.append(timed(fb))
+        else:
+            tb.append(timed(fb)), ta.append(timed(fa))
+    return ta, tb
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of an (n, n) @ (n, n) matmul: the ceiling a training step is measured against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return max(2 * n ** 3 / timed(lambda: a @ b) for _ in range(repeats))
+
+
+def step_flops(cfg, batch: int, tokens: int) -> float:
+    """Matmul FLOPs of one training step: 6 per parameter per token (blocks and LM head), plus attention
+    (QK^T and AV, causal half counted: 6 * layers * tokens * emb_dim per token). Embedding lookups are free."""
+    d, L = cfg.emb_dim, cfg.n_layers
+    block_params = L * 12 * d * d
+    head_params = cfg.vocab_size * d
+    return batch * tokens * (6 * (block_params + head_params) + 6 * L * tokens * d)
+
+
+# ---------------------------------------------------------------- memory, in a fresh process per figure
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def memory_child(which: str, kind: str, config_name: str, batch_size: int) -> None:
+    """Runs in a subprocess: one warm-up step, then the peak RSS of one more step above the resting RSS.
+
+    The warm-up allocates the optimizer state; writing 5 to /proc/self/clear_refs resets the peak (VmHWM),
+    so the figure is the step's own transient memory (activations, logits, gradients)."""
+    torch.manual_seed(0)
+    cfg = preset(config_name)
+    if kind == "finetune":
+        batch = max(finetune_batches(cfg, batch_size, 8), key=lambda b: b["input_ids"].numel())
+    else:
+        batch = pretrain_batch(cfg, batch_size)
+    if which == "gptlib":
+        model = GPTModel(cfg).train()
+        step = gptlib_trainer(model)
+    else:
+        from transformers import GPT2LMHeadModel
+        model = GPT2LMHeadModel(hf_config(cfg)).train()
+        step = hf_trainer(model)
+        if kind == "finetune":
+            batch = hf_finetune_batch(batch, cfg.context_length)
+        else:
+            batch = {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+    step(batch)
+    Path("/proc/self/clear_refs").write_text("5")
+    rest = _rss_kb("VmRSS")
+    step(batch)
+    print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - rest) / 1024}))
+
+
+def measure_memory(which: str, kind: str, config_name: str, batch_size: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", which, kind, "--config", config_name,
+                          "--batch-size", str(batch_size)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+# ---------------------------------------------------------------- report
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    bf16 = ", AVX-512 BF16" if "avx512_bf16" in flags else ""
+    import transformers
+    return (f"{cpu}{bf16}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}")
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="seed-small", choices=["seed-small", "tiny"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny config, small sizes: a smoke test")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--gen-tokens", type=int, default=200)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print(INSTALL_HINT, file=sys.stderr)
+        return 2
+    if args.memory_child:
+        memory_child(*args.memory_child, args.config, args.batch_size)
+        return 0
+    if args.quick:
+        args.config, args.repeats, args.batch_size, args.gen_tokens = "tiny", 1, 2, 16
+    cfg = preset(args.config)
+    n_ft = 2 if args.quick else 4  # fine-tuning batches per timed run
+    print(f"machine: {machine()}")
+    print(f"config: {args.config} ({cfg.emb_dim} wide, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"ctx {cfg.context_length}, vocab {cfg.vocab_size}), batch {args.batch_size}, repeats {args.repeats}")
+
+    ours, hf = build_models(args.config)
+    prompt = encode(PRETRAIN.read_text(encoding="utf-8")[:2000])[:32]
+    agree = check_agreement(ours, hf, prompt)
+    print(f"agreement: max |logit diff| {agree['max_logit_diff']:.1e}, greedy tokens identical")
+
+    split = split_examples(load_jsonl(SARCASM))
+    pad_grouped = padding_share(instruction_loader(split.train, args.batch_size, cfg.context_length))
+    pad_plain = padding_share(instruction_loader(split.train, args.batch_size, cfg.context_length,
+                                                 group_by_length=False))
+    print(f"sarcasm padding share, batch {args.batch_size}: {pad_grouped:.1%} grouped by length, "
+          f"{pad_plain:.1%} plain shuffled")
+
+    rows = []  # (what, gptlib, hf, unit)
+    peak = matmul_peak()
+    ours.train(), hf.train()
+
+    # (a) fine-tuning
+    batches = finetune_batches(cfg, args.batch_size, n_ft)
+    hf_batches = [hf_finetune_batch(b, cfg.context_length) for b in batches]
+    supervised = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    assert supervised == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in hf_batches)
+    step_a, step_b = gptlib_trainer(ours), hf_trainer(hf)
+    ta, tb = ab(lambda: [step_a(b) for b in batches], lambda: [step_b(b) for b in hf_batches], args.repeats)
+    rows.append(("fine-tuning step, supervised tokens/s", supervised / med(ta), supervised / med(tb)))
+
+    # (b) pretraining
+    batch = pretrain_batch(cfg, args.batch_size)
+    hf_batch = {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+    n_tok = batch["input_ids"].numel()
+    ta, tb = ab(lambda: step_a(batch), lambda: step_b(hf_batch), args.repeats)
+    rows.append(("pretraining step, tokens/s", n_tok / med(ta), n_tok / med(tb)))
+    flops = step_flops(cfg, *batch["input_ids"].shape)
+    rows.append(("pretraining step, share of matmul peak", flops / med(ta) / peak, flops / med(tb) / peak))
+
+    # (c) greedy generation, batch 1
+    ours.eval(), hf.eval()
+    n_gen = min(args.gen_tokens, cfg.context_length - len(prompt))
+    outs = {}
+    ta, tb = ab(lambda: outs.__setitem__("a", generate(ours, prompt, n_gen, eos_id=None)),
+                lambda: outs.__setitem__("b", hf_greedy(hf, prompt, n_gen)), args.repeats)
+    tn = [timed(lambda: outs.__setitem__("n", generate(ours, prompt, n_gen, eos_id=None, use_cache=False)))
+          for _ in range(max(1, min(3, args.repeats)))]
+    assert outs["a"] == outs["b"] == outs["n"], "greedy tokens differ between gptlib, HF and the naive loop"
+    rows.append((f"greedy generation {n_gen} tokens, tokens/s", n_gen / med(ta), n_gen / med(tb)))
+    rows.append(("  gptlib cached vs gptlib no-cache loop", n_gen / med(ta), n_gen / med(tn)))
+
+    # (d) memory
+    if not args.no_memory:
+        for kind in ("finetune", "pretrain"):
+            a = measure_memory("gptlib", kind, args.config, args.batch_size)
+            b = measure_memory("hf", kind, args.config, args.batch_size)
+            rows.append((f"{kind} step peak memory above rest, MB", a, b))
+
+    print(f"matmul peak (fp32, 2048^3, best of 5): {peak / 1e9:.0f} GFLOP/s")
+    print()
+    print(f"| {'measure (median of ' + str(args.repeats) + ')':<48} | {'gptlib':>10} | {'reference':>10} | {'ratio':>6} |")
+    print(f"|{'-' * 50}|{'-' * 12}|{'-' * 12}|{'-' * 8}|")
+    for what, a, b in rows:
+        fmt = (lambda x: f"{x:.0%}") if "share" in what else (lambda x: f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
+        print(f"| {what:<48} | {fmt(a):>10} | {fmt(b):>10} | {a / b:>5.2f}x |")
+    print("\nreference = HF GPT2LMHeadModel (same weights), except the no-cache row (gptlib use_cache=False).")
+    print("Memory: peak RSS (VmHWM) of one step above the resting RSS after a warm-up step, fresh process each.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Set-up helpers for the workbook's notebooks: where files go, full or fast mode, versions.
+
+``WORKBOOK_FAST=1`` makes every notebook take the same steps at tiny sizes (tests run them this way), and
+sends its checkpoints and figures to a temporary folder so a fast run never overwrites a full run's files.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+FAST = os.environ.get("WORKBOOK_FAST", "") not in ("", "0")
+
+
+def pick(full, fast):
+    """``full`` normally, ``fast`` when WORKBOOK_FAST=1: ``steps = pick(2000, 20)``."""
+    return fast if FAST else full
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The workbook's folder (the one holding ``dataset/`` and ``pyproject.toml``), found from the working directory."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() and (folder / "dataset").is_dir():
+            return folder
+    raise FileNotFoundError(f"cannot find the workbook folder above {here}: open the notebook from the project's "
+                            "notebooks/ folder (on Colab: %cd into the cloned repository first)")
+
+
+def checkpoint_dir() -> Path:
+    """``checkpoints/`` in the project, or a temporary folder in fast mode."""
+    folder = Path(tempfile.gettempdir()) / "gptlib-workbook-fast" if FAST else project_root() / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def show_versions() -> None:
+    """Print the versions that matter, so a learner can compare with the outputs shown."""
+    import torch
+
+    from .device import pick_device
+    names = ["torch", "tiktoken", "matplotlib", "pandas"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    print(f"python {platform.python_version()} | " + " | ".join(found))
+    print(f"device: {pick_device()} | threads: {torch.get_num_threads()} | mode: {'FAST (tests)' if FAST else 'full'}")
+
+
+def load_or_make_pretrained(name: str = "pretrained.pth", quick_steps: int = 150):
+    """The model notebook 04 saved; if there is none yet, say so and pretrain a quick one here.
+
+    Returns ``(model, path)``. The quick model is saved as ``pretrained_quick.pth``, never under the real name.
+    """
+    from .checkpoint import load_model, save_checkpoint
+    from .config import preset
+    from .data import window_loader
+    from .device import set_seed
+    from .model import GPTModel
+    from .tokenizer import encode
+    from .train import TrainConfig, train
+
+    path = checkpoint_dir() / name
+    if path.exists():
+        model, _ = load_model(path)
+        print(f"loaded {path}")
+        return model, path
+    quick = checkpoint_dir() / "pretrained_quick.pth"
+    if quick.exists():
+        model, _ = load_model(quick)
+        print(f"no {path} yet; loaded the quick model {quick}")
+        return model, quick
+    steps = pick(quick_steps, 5)
+    print(f"no {path} yet (notebook 04 makes it): pretraining a quick stand-in for {steps} steps instead")
+    set_seed(123)
+    text = (project_root() / "dataset/pretraining/shakespeare_train.txt").read_text(encoding="utf-8")
+    model = GPTModel(preset("tiny"))
+    loader = window_loader(encode(text[: 2_000_000]), model.config.context_length, batch_size=8)
+    train(model, loader, cfg=TrainConfig(max_steps=steps, lr=2e-3, warmup_steps=min(20, steps), eval_every=steps,
+                                         eval_batches=2))
+    save_checkpoint(quick, model)
+    return model, quick

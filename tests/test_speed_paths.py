@@ -1,0 +1,146 @@
+"""Every speed path gives the same numbers as the plain one (no timing here: see benchmarks/)."""
+
+import copy
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptlib import GPTModel, TrainConfig, generate
+from gptlib.generate import SamplingSettings
+from gptlib.model import IGNORE_INDEX, chunked_head_loss
+from gptlib.train import _autocast, make_optimizer
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch(seed=0, b=3, t=20, vocab=50257, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    labels = torch.randint(0, vocab, (b, t), generator=g)
+    if masked:
+        labels[:, :7] = IGNORE_INDEX   # a prompt
+        labels[1, 15:] = IGNORE_INDEX  # padding
+    return ids, labels
+
+
+def _plain_loss(model, ids, labels):
+    """The textbook loss: full logits everywhere, then cross-entropy ignoring -100."""
+    logits = model(ids)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, 10_000])
+def test_chunked_head_loss_matches_plain_cross_entropy_and_its_gradients(chunk_size):
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    y = torch.randint(0, 101, (37,))
+    plain = F.cross_entropy(h @ w.t(), y)
+    plain.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    fused = chunked_head_loss(h, w, y, chunk_size)
+    (2 * fused).backward()  # a scale after the loss must reach the gradients too
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert torch.allclose(h.grad, 2 * gh, atol=1e-5) and torch.allclose(w.grad, 2 * gw, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_model_loss_equals_full_logits_loss_with_same_gradients(monkeypatch, tie_weights, masked):
+    """GPTModel.loss (labelled rows only, chunked head above a size) against full logits everywhere."""
+    import gptlib.model as model_module
+
+    monkeypatch.setattr(model_module, "CHUNKED_LOSS_MIN_ROWS", 8)  # force the chunked path on tiny batches
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(tie_weights=tie_weights))
+    ids, labels = _batch(masked=masked)
+    twin = copy.deepcopy(model)
+    ours = model.loss(ids, labels)
+    ours.backward()
+    ref = _plain_loss(twin, ids, labels)
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_loss_without_gradients_uses_no_fused_backward_work():
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config())
+    ids, labels = _batch()
+    with torch.no_grad():
+        assert model.loss(ids, labels).item() == pytest.approx(_plain_loss(model, ids, labels).item(), rel=1e-5)
+
+
+def test_bf16_autocast_is_off_by_default_on_cpu():
+    assert isinstance(_autocast(torch.device("cpu"), "auto"), type(_autocast(torch.device("cpu"), "fp32")))
+    assert not torch.is_autocast_enabled("cpu")
+    with _autocast(torch.device("cpu"), "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_loss_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config())
+    ids, labels = _batch()
+    with _autocast(torch.device("cpu"), "bf16"):
+        low = model.loss(ids, labels)
+    low.backward()
+    assert low.item() == pytest.approx(model.loss(ids, labels).item(), rel=2e-2)
+
+
+def test_optimizer_speed_path_gives_the_same_steps_as_the_plain_loop():
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config())
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-3, progress=False)
+    fast = make_optimizer(model, cfg)
+    plain = make_optimizer(twin, cfg)
+    for group in plain.param_groups:
+        group["foreach"], group["fused"] = False, None  # the one-parameter-at-a-time reference loop
+    ids, labels = _batch()
+    for _ in range(3):
+        for m, opt in ((model, fast), (twin, plain)):
+            m.loss(ids, labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings(), SamplingSettings(repetition_penalty=1.3),
+                                      SamplingSettings(temperature=0.9, top_k=20)])
+def test_cached_and_uncached_generation_are_identical(tiny_model, settings):
+    prompt = [5, 17, 301, 42]
+    n = 40  # beyond the context length of 32: the cache refills
+    cached = generate(tiny_model, prompt, n, settings, eos_id=None, seed=3)
+    uncached = generate(tiny_model, prompt, n, settings, eos_id=None, use_cache=False, seed=3)
+    assert cached == uncached and len(cached) == n
+
+
+def test_generation_leaves_no_autograd_state_and_restores_training_mode(tiny_model):
+    tiny_model.train()
+    generate(tiny_model, [1, 2, 3], 5, eos_id=None)
+    assert tiny_model.training
+    loss = tiny_model.loss(*_batch(t=10, masked=False))
+    loss.backward()  # the model still trains after generating (no inference tensors leaked into it)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_quick_mode_end_to_end():
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers not installed (pip install 'gptlib[hf]')")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_vs_hf.py"), "--quick"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "greedy tokens identical" in out.stdout
+    for row in ("fine-tuning step", "pretraining step", "greedy generation", "peak memory"):
+        assert row in out.stdout
