@@ -26,6 +26,8 @@ EXAMPLES = {
     "eval": "example:\n  gptlib eval --checkpoint checkpoints/sarcasm.pth --data "
             "dataset/sarcasm/sarcasm_instruction_pairs.jsonl --split test --json",
     "validate": "example:\n  gptlib validate --data my_pairs.jsonl --context-length 256",
+    "export": "example:\n  gptlib export --checkpoint checkpoints/sarcasm.pth --to-hf checkpoints/sarcasm-hf\n"
+              "then, in Python: transformers.pipeline(\"text-generation\", model=\"checkpoints/sarcasm-hf\")",
 }
 
 
@@ -167,6 +169,14 @@ def build_parser() -> Parser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--context-length", type=positive_int,
                    help="also report examples whose prompt alone fills this many tokens")
+
+    p = command("export", "write a checkpoint as a Hugging Face transformers model folder",
+                "Write DIR with config.json, model.safetensors and GPT-2's tokenizer files, which transformers "
+                "loads offline (GPT2LMHeadModel.from_pretrained, pipeline). Needs pip install 'gptlib[hf]'. "
+                "DIR appears complete or not at all.")
+    _add_checkpoint(p)
+    p.add_argument("--to-hf", type=Path, required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
     return parser
 
 
@@ -322,8 +332,19 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .checkpoint import load_model
+    from .hf import check_target, require_transformers, to_hf
+    require_transformers()
+    check_target(args.to_hf, args.overwrite)  # refuse a bad target before loading anything
+    model, _ = load_model(args.checkpoint, n_heads=args.n_heads)
+    to_hf(model, args.to_hf, overwrite=args.overwrite)
+    _log(f"wrote {args.to_hf}: load it with transformers, e.g. GPT2LMHeadModel.from_pretrained({str(args.to_hf)!r})")
+    return 0
+
+
 COMMANDS = {"finetune": cmd_finetune, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
-            "eval": cmd_eval, "validate": cmd_validate}
+            "eval": cmd_eval, "validate": cmd_validate, "export": cmd_export}
 
 
 def _log(message: str, file=None) -> None:

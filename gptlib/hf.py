@@ -54,7 +54,7 @@ def _name_map(n_layers: int) -> list[tuple[str, str, bool]]:
     return names
 
 
-def _transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError:
@@ -100,7 +100,7 @@ def config_from_hf(hf_config, source: str = "the Hugging Face model") -> GPTConf
 
 def hf_config(config: GPTConfig):
     """The ``GPT2Config`` of a gptlib model: same sizes, one dropout rate for all three of GPT-2's."""
-    transformers = _transformers()
+    transformers = require_transformers()
     return transformers.GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.emb_dim,
         n_layer=config.n_layers, n_head=config.n_heads, activation_function="gelu_new", layer_norm_epsilon=1e-5,
@@ -116,10 +116,11 @@ def from_hf(model_or_directory) -> GPTModel:
     A folder is read with ``local_files_only=True``: nothing is downloaded (see :func:`load_pretrained`).
     The result is in evaluation mode, in the source's dtype, on the CPU.
     """
-    transformers = _transformers()
+    transformers = require_transformers()
     hf_model = model_or_directory
+    copy = True  # a model the caller keeps must not share storage with ours
     if isinstance(model_or_directory, (str, os.PathLike)):
-        hf_model = _load_hf_directory(Path(model_or_directory), transformers)
+        hf_model, copy = _load_hf_directory(Path(model_or_directory), transformers), False
     if not isinstance(hf_model, transformers.GPT2LMHeadModel):
         raise UserInputError(f"from_hf takes a transformers GPT2LMHeadModel or a folder, got "
                              f"{type(hf_model).__name__}")
@@ -132,7 +133,8 @@ def from_hf(model_or_directory) -> GPTModel:
                 continue  # the tied head is the token embedding
             raise UserInputError(f"the Hugging Face model has no tensor {name!r}; is it a complete GPT2LMHeadModel?")
         tensor = theirs[name].detach().cpu()
-        state[ours] = (tensor.t() if transposed else tensor).contiguous()
+        tensor = tensor.t() if transposed else tensor
+        state[ours] = tensor.clone(memory_format=torch.contiguous_format) if copy else tensor.contiguous()
     if config.tie_weights:
         state["out_head.weight"] = state["tok_emb.weight"]
     with torch.device("meta"):  # the weights come from HF: skip random initialisation
@@ -174,11 +176,11 @@ def to_hf(model: GPTModel, directory=None, overwrite: bool = False):
     work offline. It is written in a temporary sibling folder and renamed into place, so a failure leaves
     nothing half-written; an existing non-empty folder is replaced only with ``overwrite=True``.
     """
-    transformers = _transformers()
+    transformers = require_transformers()
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     config = model.config
     if directory is not None:
-        directory = _check_target(Path(directory), overwrite)
+        directory = check_target(Path(directory), overwrite)
         if config.vocab_size < VOCAB_SIZE:
             raise UserInputError(f"the model's vocab_size {config.vocab_size} is smaller than GPT-2's "
                                  f"{VOCAB_SIZE}: the exported GPT-2 tokenizer would produce ids it has no row for")
@@ -206,7 +208,9 @@ def to_hf(model: GPTModel, directory=None, overwrite: bool = False):
     return hf_model
 
 
-def _check_target(directory: Path, overwrite: bool) -> Path:
+def check_target(directory, overwrite: bool = False) -> Path:
+    """Refuse a target folder ``to_hf`` cannot write: no parent folder, a file, or non-empty without ``overwrite``."""
+    directory = Path(directory)
     if not directory.parent.is_dir():
         raise UserInputError(f"{directory}: the folder {directory.parent} does not exist; create it first")
     if directory.exists() and not directory.is_dir():
@@ -219,7 +223,7 @@ def _check_target(directory: Path, overwrite: bool) -> Path:
 
 def _write_atomically(directory: Path, overwrite: bool, write) -> None:
     """Build the folder beside ``directory``, then rename it into place (replacing an old one only when allowed)."""
-    _check_target(directory, overwrite)
+    check_target(directory, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     old = None
     try:
@@ -344,7 +348,7 @@ def load_pretrained(name: str = "gpt2", cache_dir=None) -> GPTModel:
     """
     if name not in PRETRAINED:
         raise UserInputError(f"unknown pretrained model {name!r}; choose one of {sorted(PRETRAINED)}")
-    _transformers()
+    require_transformers()
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = folder / name
     if not all((target / f).is_file() for f in PRETRAINED_FILES):

@@ -11,8 +11,6 @@ The instruction and input go into the prompt template; the output is what the
 model should write. Because every answer is fully determined by the
 instruction and input, we can measure accuracy with exact string match
 (see :func:`exact_match`) before and after fine-tuning.
-
-Only the Python standard library is used, so this module is cheap to import.
 """
 
 from __future__ import annotations
@@ -21,10 +19,12 @@ import json
 import os
 import random
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
+
+from .evaluate import exact_match  # noqa: F401  (re-exported: tasks are scored by exact match)
+from .files import atomic_write
 
 # Short task names, in a fixed order.
 TASKS: tuple[str, ...] = (
@@ -207,37 +207,10 @@ def answer(task: str, instruction: str, input: str) -> str:
     return " ".join(sorted(tokens))  # "sort"
 
 
-def exact_match(prediction: str, target: str) -> bool:
-    """True if the two strings are equal after stripping surrounding white space."""
-    return prediction.strip() == target.strip()
-
-
 def write_jsonl(examples: Iterable[dict], path: str | os.PathLike) -> None:
-    """Write examples to ``path`` as JSON Lines (one object per line).
-
-    Each line has the keys instruction, input, output and task. The file is
-    written to a temporary file next to ``path`` and then moved into place, so
-    a crash never leaves a half-written file behind.
-    """
+    """Write examples to ``path`` as JSON Lines (keys instruction, input, output, task), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in examples:
-                record = {
-                    "instruction": ex["instruction"],
-                    "input": ex["input"],
-                    "output": ex["output"],
-                    "task": ex["task"],
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    keys = ("instruction", "input", "output", "task")
+    lines = "".join(json.dumps({k: ex[k] for k in keys}, ensure_ascii=False) + "\n" for ex in examples)
+    atomic_write(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
