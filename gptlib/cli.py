@@ -1,4 +1,4 @@
-"""The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate.
+"""The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate, export.
 
 Exit status: 0 on success, 2 on bad input (one ``error:`` line on stderr, nothing written), 1 on an internal
 failure, 130 when interrupted (training saves its progress first).

@@ -142,8 +142,10 @@ class LengthGroupedBatches:
     """Batches of similar-length examples, so little compute goes to padding; shuffled per epoch.
 
     Indices are shuffled with ``seed + epoch``, cut into groups of ``batch_size * group_factor``, sorted by
-    length inside each group, batched, and the batches shuffled. ``rank``/``world_size`` give each process
-    of a distributed run its own share of the batches.
+    length inside each group, batched, and the batches shuffled. With ``shuffle=False`` (evaluation) the
+    examples are not shuffled, but the batch order still is, with a fixed seed: the same order every time, and
+    the first few batches (an evaluation capped at N batches) are a fair sample rather than the shortest examples.
+    ``rank``/``world_size`` give each process of a distributed run its own share of the batches.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 123, shuffle: bool = True,
@@ -164,7 +166,7 @@ class LengthGroupedBatches:
 
     def _batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
-        rng = random.Random(self.seed + self.epoch)
+        rng = random.Random(self.seed + self.epoch if self.shuffle else self.seed)
         if self.shuffle:
             rng.shuffle(order)
         group = self.batch_size * self.group_factor
@@ -174,8 +176,7 @@ class LengthGroupedBatches:
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
-        if self.shuffle:
-            rng.shuffle(batches)
+        rng.shuffle(batches)  # without shuffle, rng is seeded by seed alone: a fixed order
         return batches[self.rank::self.world_size]
 
     def __iter__(self):

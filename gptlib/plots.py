@@ -20,12 +20,13 @@ def plot_losses(history: dict, ax=None, title: str = "Loss", path=None):
         ax.plot(history["step"], history["val_loss"], marker="o", ms=3, label="validation")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     if history.get("tokens") and history["tokens"][-1]:
         top = ax.secondary_xaxis("top", functions=_steps_to_tokens(history))
-        top.set_xlabel("tokens seen (labelled)")
+        top.set_xlabel("labelled tokens seen (millions)", fontsize=9)
+        top.tick_params(labelsize=8)
+    ax.set_title(title, pad=34 if history.get("tokens") and history["tokens"][-1] else 6)
     if path is not None:
         from .files import atomic_write
         ax.figure.tight_layout()
@@ -35,5 +36,5 @@ def plot_losses(history: dict, ax=None, title: str = "Loss", path=None):
 
 def _steps_to_tokens(history: dict):
     import numpy as np
-    steps, tokens = np.asarray(history["step"], float), np.asarray(history["tokens"], float)
+    steps, tokens = np.asarray(history["step"], float), np.asarray(history["tokens"], float) / 1e6
     return (lambda s: np.interp(s, steps, tokens), lambda t: np.interp(t, tokens, steps))

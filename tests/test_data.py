@@ -78,3 +78,15 @@ def test_window_loader_batches():
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (4, 16)
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+
+
+def test_unshuffled_batches_are_fixed_but_not_sorted_by_length():
+    lengths = list(range(1000))  # example i has length i
+    sampler = LengthGroupedBatches(lengths, batch_size=10, shuffle=False)
+    first = list(sampler)
+    sampler.set_epoch(3)
+    assert list(sampler) == first  # evaluation order never changes
+    # a capped evaluation (first 5 batches) sees examples from across the length range, not just the shortest
+    sampled = [i for batch in first[:5] for i in batch]
+    assert max(sampled) - min(sampled) > 300
+    assert all(max(b) - min(b) < 50 for b in first)  # each batch still holds similar lengths
