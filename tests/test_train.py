@@ -5,6 +5,10 @@ from gptlib import GPTModel, TrainConfig, generate, train, window_loader
 from gptlib.checkpoint import read_checkpoint
 from gptlib.tokenizer import decode, encode
 from gptlib.train import learning_rate
+from torch.utils.data import DataLoader
+
+from gptlib import TokenWindows
+from gptlib.data import collate_windows
 
 from conftest import tiny_config
 
@@ -68,7 +72,8 @@ def test_gradient_accumulation_matches_a_bigger_batch():
     for batch_size, accum in ((8, 1), (4, 2)):
         torch.manual_seed(0)
         model = GPTModel(tiny_config())
-        loader = window_loader(ids, length=16, batch_size=batch_size, shuffle=False)
+        # a plain sequential loader, so both runs see the same windows at every step
+        loader = DataLoader(TokenWindows(ids, 16), batch_size=batch_size, collate_fn=collate_windows)
         train(model, loader, cfg=TrainConfig(max_steps=3, grad_accum=accum, grad_clip=None, progress=False,
                                              eval_every=10, eval_batches=1, device="cpu"))
         results.append(model.tok_emb.weight.detach().clone())
