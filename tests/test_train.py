@@ -1,14 +1,12 @@
 import pytest
 import torch
-
-from gptlib import GPTModel, TrainConfig, generate, train, window_loader
-from gptlib.checkpoint import read_checkpoint
-from gptlib.tokenizer import decode, encode
-from gptlib.train import learning_rate
 from torch.utils.data import DataLoader
 
-from gptlib import TokenWindows
+from gptlib import GPTModel, TokenWindows, TrainConfig, generate, train, window_loader
+from gptlib.checkpoint import read_checkpoint
 from gptlib.data import collate_windows
+from gptlib.tokenizer import decode, encode
+from gptlib.train import learning_rate
 
 from conftest import tiny_config
 
