@@ -29,6 +29,7 @@ import torch
 from gptlib import preset
 from gptlib.data import instruction_loader, padding_share, window_loader
 from gptlib.generate import generate
+from gptlib.hf import hf_config, to_hf
 from gptlib.instructions import load_jsonl, split_examples
 from gptlib.model import IGNORE_INDEX, GPTModel
 from gptlib.tokenizer import encode
@@ -42,51 +43,11 @@ INSTALL_HINT = "transformers is not installed: pip install 'gptlib[hf]'  (or: pi
 
 # ---------------------------------------------------------------- the two models, same weights
 
-def hf_config(cfg):
-    from transformers import GPT2Config
-
-    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                      n_layer=cfg.n_layers, n_head=cfg.n_heads, activation_function="gelu_new",
-                      resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
-                      layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_weights,
-                      bos_token_id=50256, eos_token_id=50256, attn_implementation="sdpa")
-
-
-def to_hf_state(model: GPTModel) -> dict:
-    """gptlib's state dict in HF GPT-2's names. HF's Conv1D stores weights as (in, out): transposed."""
-    sd, cfg = model.state_dict(), model.config
-    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-           "transformer.ln_f.weight": sd["final_norm.weight"], "transformer.ln_f.bias": sd["final_norm.bias"],
-           "lm_head.weight": sd["out_head.weight"]}
-    for i in range(cfg.n_layers):
-        g, h = f"blocks.{i}.", f"transformer.h.{i}."
-        out[h + "attn.c_attn.weight"] = sd[g + "att.qkv.weight"].t()
-        out[h + "attn.c_attn.bias"] = sd.get(g + "att.qkv.bias", torch.zeros(3 * cfg.emb_dim))  # qkv_bias=False: 0
-        for hn, gn in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.fc"), ("mlp.c_proj", "ff.proj")):
-            out[h + hn + ".weight"] = sd[g + gn + ".weight"].t()
-            out[h + hn + ".bias"] = sd[g + gn + ".bias"]
-        for hn, gn in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            out[h + hn + ".weight"] = sd[g + gn + ".weight"]
-            out[h + hn + ".bias"] = sd[g + gn + ".bias"]
-    return {k: v.clone().contiguous() for k, v in out.items()}
-
-
 def build_models(config_name: str):
-    """gptlib's model and an HF GPT2LMHeadModel holding the same weights (via gptlib.hf when it exists)."""
-    from transformers import GPT2LMHeadModel
-
+    """gptlib's model and an HF GPT2LMHeadModel holding the same weights (gptlib.hf.to_hf maps the names)."""
     torch.manual_seed(0)
-    cfg = preset(config_name)
-    ours = GPTModel(cfg)
-    try:
-        from gptlib.hf import to_hf  # written by another issue; our own mapping otherwise
-        theirs = to_hf(ours)
-    except ImportError:
-        theirs = GPT2LMHeadModel(hf_config(cfg))
-        missing, unexpected = theirs.load_state_dict(to_hf_state(ours), strict=False)
-        assert not unexpected and all(k.endswith("attn.bias") or k.endswith("masked_bias") for k in missing), \
-            (missing, unexpected)
-    return ours, theirs
+    ours = GPTModel(preset(config_name))
+    return ours, to_hf(ours)
 
 
 def hf_greedy(hf, prompt, n):
@@ -345,7 +306,7 @@ def main(argv=None) -> int:
 
     # (c) greedy generation, batch 1; the training steps above moved the two models apart: same weights again
     ours.eval(), hf.eval()
-    hf.load_state_dict(to_hf_state(ours), strict=False)
+    hf.load_state_dict(to_hf(ours).state_dict())
     n_gen = min(args.gen_tokens, cfg.context_length - len(prompt))
     outs = {}
     ta, tb = ab(lambda: outs.__setitem__("a", generate(ours, prompt, n_gen, eos_id=None)),

@@ -19,7 +19,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes the file private; give it the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -35,7 +35,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         write(tmp)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so set it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import GPTConfig
+from .files import umask
 from .errors import UserInputError
 from .model import GPTModel
 from .tokenizer import END_OF_TEXT, EOT_ID, VOCAB_SIZE, bpe_ranks
@@ -228,7 +229,7 @@ def _write_atomically(directory: Path, overwrite: bool, write) -> None:
     old = None
     try:
         write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; give it the usual permissions
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes the folder private; give it the usual permissions
         if directory.exists():
             old = directory.with_name(f"{tmp.name}.old")
             os.rename(directory, old)
@@ -244,12 +245,6 @@ def _write_atomically(directory: Path, overwrite: bool, write) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_hf_folder(hf_model, config: GPTConfig, folder: Path) -> None:
