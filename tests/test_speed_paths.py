@@ -36,8 +36,8 @@ def _plain_loss(model, ids, labels):
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 64, 10_000])
-def test_chunked_head_loss_matches_plain_cross_entropy_and_its_gradients(chunk_size):
+@pytest.mark.parametrize("row_chunk, vocab_chunk", [(1, 1), (5, 7), (64, 32), (10_000, 10_000), (16, 100)])
+def test_chunked_head_loss_matches_plain_cross_entropy_and_its_gradients(row_chunk, vocab_chunk):
     torch.manual_seed(0)
     h = torch.randn(37, 16, requires_grad=True)
     w = torch.randn(101, 16, requires_grad=True)
@@ -46,19 +46,44 @@ def test_chunked_head_loss_matches_plain_cross_entropy_and_its_gradients(chunk_s
     plain.backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    fused = chunked_head_loss(h, w, y, chunk_size)
+    fused = chunked_head_loss(h, w, y, row_chunk, vocab_chunk)
     (2 * fused).backward()  # a scale after the loss must reach the gradients too
     assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
     assert torch.allclose(h.grad, 2 * gh, atol=1e-5) and torch.allclose(w.grad, 2 * gw, atol=1e-5)
 
 
+def test_chunked_head_loss_skips_the_weight_gradient_of_a_frozen_head():
+    h = torch.randn(9, 8, requires_grad=True)
+    w = torch.randn(30, 8)  # frozen: no gradient wanted
+    chunked_head_loss(h, w, torch.randint(0, 30, (9,)), 4, 8).backward()
+    assert h.grad is not None and w.grad is None
+
+
+def test_chunked_head_loss_under_bf16_autocast_is_close_to_autocast_plain_loss():
+    """Under autocast its matmuls run in bf16 like autocast's LM head; softmax and sums stay fp32."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, requires_grad=True)
+    w = (0.1 * torch.randn(5000, 64)).requires_grad_()
+    y = torch.randint(0, 5000, (300,))
+    exact = F.cross_entropy(h @ w.t(), y)
+    exact.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = chunked_head_loss(h, w, y, 128, 1000)
+    fused.backward()
+    assert fused.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+    assert fused.item() == pytest.approx(exact.item(), rel=1e-2)
+    assert (h.grad - gh).norm() / gh.norm() < 2e-2 and (w.grad - gw).norm() / gw.norm() < 2e-2
+
+
 @pytest.mark.parametrize("tie_weights", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_model_loss_equals_full_logits_loss_with_same_gradients(monkeypatch, tie_weights, masked):
-    """GPTModel.loss (labelled rows only, chunked head above a size) against full logits everywhere."""
+    """GPTModel.loss (labelled rows only, chunked head and loss) against full logits everywhere."""
     import gptlib.model as model_module
 
-    monkeypatch.setattr(model_module, "CHUNKED_LOSS_MIN_ROWS", 8)  # force the chunked path on tiny batches
+    monkeypatch.setattr(model_module, "LOSS_ROW_CHUNK", 8)  # several row chunks even on a small batch
     torch.manual_seed(0)
     model = GPTModel(tiny_config(tie_weights=tie_weights))
     ids, labels = _batch(masked=masked)
