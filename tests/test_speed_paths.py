@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from gptlib import GPTModel, TrainConfig, generate
 from gptlib.generate import SamplingSettings
 from gptlib.model import IGNORE_INDEX, chunked_head_loss
-from gptlib.train import _autocast, make_optimizer
+from gptlib.device import fast_bf16
+from gptlib.train import _autocast, make_optimizer, resolve_precision
 
 from conftest import tiny_config
 
@@ -105,11 +106,23 @@ def test_loss_without_gradients_uses_no_fused_backward_work():
         assert model.loss(ids, labels).item() == pytest.approx(_plain_loss(model, ids, labels).item(), rel=1e-5)
 
 
-def test_bf16_autocast_is_off_by_default_on_cpu():
-    assert isinstance(_autocast(torch.device("cpu"), "auto"), type(_autocast(torch.device("cpu"), "fp32")))
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp32"])
+def test_autocast_follows_the_precision_and_auto_follows_the_hardware(precision):
+    cpu = torch.device("cpu")
+    expected = {"bf16": "bf16", "fp32": "fp32", "auto": "bf16" if fast_bf16(cpu) else "fp32"}[precision]
+    assert resolve_precision(cpu, precision) == expected
+    with _autocast(cpu, precision):
+        assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
     assert not torch.is_autocast_enabled("cpu")
-    with _autocast(torch.device("cpu"), "auto"):
-        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_fast_bf16_matches_what_the_cpu_reports():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
+    if flags is None or not hasattr(torch.cpu, "_is_avx512_bf16_supported"):
+        pytest.skip("no /proc/cpuinfo or an older torch: nothing to compare with")
+    native = "avx512_bf16" in flags or "amx_tile" in flags
+    assert fast_bf16(torch.device("cpu")) == native
+    assert not fast_bf16(torch.device("meta"))
 
 
 def test_bf16_loss_is_close_to_fp32():
@@ -169,3 +182,26 @@ def test_benchmark_runs_quick_mode_end_to_end():
     assert "greedy tokens identical" in out.stdout
     for row in ("fine-tuning step", "pretraining step", "greedy generation", "peak memory"):
         assert row in out.stdout
+
+
+def _greedy_by_full_forward(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_the_decoding_copy_of_the_head_follows_weight_changes():
+    """generate keeps a transposed copy of the LM head between calls; a changed weight must be seen."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(tie_weights=True)).eval()
+    prompt = [5, 17, 42, 7]
+    assert generate(model, prompt, 8, eos_id=None) == _greedy_by_full_forward(model, prompt, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)  # a large in-place step, as training makes
+    model.loss(torch.tensor([prompt]), torch.tensor([[3, 3, 3, 3]])).backward()
+    optimizer.step()
+    assert generate(model, prompt, 8, eos_id=None) == _greedy_by_full_forward(model, prompt, 8)
+    model.load_state_dict(GPTModel(tiny_config(tie_weights=True)).state_dict())
+    assert generate(model, prompt, 8, eos_id=None) == _greedy_by_full_forward(model, prompt, 8)
+    assert "_decoding_head_cache" not in "".join(model.state_dict())
