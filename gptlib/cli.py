@@ -92,6 +92,9 @@ def _add_training(p, lr, epochs, batch_size, eval_every):
     g.add_argument("--save-every", type=positive_int, help="steps between progress saves (default: --eval-every)")
     g.add_argument("--seed", type=int, default=123, help="seed for the split, batch order and dropout (123)")
     g.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto (default): bf16 mixed precision where the hardware does bf16 natively (recent "
+                        "GPUs, CPUs with AVX-512 BF16 or AMX), else fp32")
     g.add_argument("--resume", action="store_true",
                    help="continue from OUT's progress file (<out>.progress.pth) after a crash or Ctrl-C")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only when the run succeeds)")
@@ -190,6 +193,7 @@ def cmd_finetune(args) -> int:
                            save_every=args.save_every, warmup_steps=args.warmup_steps or 0,
                            mask_prompt=not args.no_prompt_mask, truncation=args.truncation, drop_rate=args.drop_rate,
                            resume=args.resume, overwrite=args.overwrite, seed=args.seed, device=args.device,
+                           precision=args.precision,
                            progress=not args.quiet)
     return _report(finetune(opts, log=_log))
 
@@ -203,7 +207,7 @@ def cmd_pretrain(args) -> int:
                            epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
                            warmup_steps=50 if args.warmup_steps is None else args.warmup_steps,
                            save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                           seed=args.seed, device=args.device, progress=not args.quiet)
+                           seed=args.seed, device=args.device, precision=args.precision, progress=not args.quiet)
     return _report(pretrain(opts, log=_log))
 
 

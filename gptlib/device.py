@@ -18,6 +18,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """True where bf16 matmuls run natively, so mixed precision is faster than fp32: a CUDA GPU with bf16 support
+    (Ampere and later), or a CPU with AVX-512 BF16 or AMX. Elsewhere bf16 is emulated, and slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch >= 2.3; absent means unknown
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 def set_seed(seed: int) -> None:
     """Seed Python's and PyTorch's generators (CPU and every GPU) so runs repeat."""
     random.seed(seed)

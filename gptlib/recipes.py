@@ -24,7 +24,7 @@ from .files import atomic_write
 from .instructions import load_jsonl, split_examples
 from .model import IGNORE_INDEX
 from .tokenizer import EOT_ID, encode
-from .train import TrainConfig, train
+from .train import TrainConfig, resolve_precision, train
 
 
 @dataclass
@@ -130,6 +130,7 @@ class FinetuneOptions:
     overwrite: bool = False
     seed: int = 123
     device: str = "auto"
+    precision: str = "auto"  # "auto": bf16 mixed precision where the hardware has it, else fp32
     progress: bool = True
 
 
@@ -175,7 +176,8 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     val_loader = instruction_loader(split.val, opts.batch_size, shuffle=False, **make)
     test_loader = instruction_loader(split.test, opts.batch_size, shuffle=False, **make)
     log(f"data: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test examples "
-        f"from {opts.data}; model: {model.num_parameters():,} parameters on {device}")
+        f"from {opts.data}; model: {model.num_parameters():,} parameters on {device}, "
+        f"{resolve_precision(device, opts.precision)}")
 
     if resume is not None:
         test_before = resume.train_state["test_loss_before"]
@@ -184,7 +186,8 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
                       betas=(0.9, 0.999), warmup_steps=opts.warmup_steps, schedule="constant",
                       eval_every=opts.eval_every, eval_batches=None, checkpoint_path=str(paths.progress),
-                      save_every=opts.save_every, seed=opts.seed, device=str(device), progress=opts.progress)
+                      save_every=opts.save_every, seed=opts.seed, device=str(device),
+                      precision=opts.precision, progress=opts.progress)
     result = train(model, train_loader, val_loader, cfg, resume=resume,
                    extra_state={"data_sha256": data_hash, "test_loss_before": test_before})
     if result.interrupted:
@@ -197,7 +200,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
                                                       "test": len(split.test)},
                "test_loss_before": test_before, "test_loss_after": test_after,
                "test_perplexity_before": perplexity(test_before), "test_perplexity_after": perplexity(test_after),
-               "options": _plain_options(opts)}
+               "precision": result.precision, "options": _plain_options(opts)}
     return _finish(model, result, paths, metrics, title=f"Fine-tuning on {opts.data.name}")
 
 
@@ -228,6 +231,7 @@ class PretrainOptions:
     overwrite: bool = False
     seed: int = 123
     device: str = "auto"
+    precision: str = "auto"  # "auto": bf16 mixed precision where the hardware has it, else fp32
     progress: bool = True
 
 
@@ -291,17 +295,19 @@ def pretrain(opts: PretrainOptions, log=print) -> dict:
     train_loader = window_loader(train_ids, ctx, opts.batch_size, shuffle=True, seed=opts.seed)
     val_loader = window_loader(val_ids, ctx, opts.batch_size, shuffle=False)
     log(f"data: {len(train_ids):,} training and {len(val_ids):,} validation tokens; model: "
-        f"{model.num_parameters():,} parameters on {device}")
+        f"{model.num_parameters():,} parameters on {device}, {resolve_precision(device, opts.precision)}")
     cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
                       warmup_steps=opts.warmup_steps, eval_every=opts.eval_every, eval_batches=opts.eval_batches,
                       checkpoint_path=str(paths.progress), save_every=opts.save_every, seed=opts.seed,
-                      device=str(device), progress=opts.progress)
+                      device=str(device), precision=opts.precision,
+                      progress=opts.progress)
     result = train(model, train_loader, val_loader, cfg, resume=resume, extra_state={"data_sha256": data_hash})
     if result.interrupted:
         return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress)}
     metrics = {"command": "pretrain", "data": str(opts.data), "config": model.config.to_dict(),
                "tokens": {"train": len(train_ids), "val": len(val_ids)},
-               "final_val_loss": result.history["val_loss"][-1], "options": _plain_options(opts)}
+               "final_val_loss": result.history["val_loss"][-1], "precision": result.precision,
+               "options": _plain_options(opts)}
     return _finish(model, result, paths, metrics, title=f"Pretraining on {opts.data.name}")
 
 

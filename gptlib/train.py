@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, load_weights, save_checkpoint
-from .device import pick_device
+from .device import fast_bf16, pick_device
 from .errors import CheckpointError, UserInputError
 from .evaluate import evaluate_loss
 from .model import IGNORE_INDEX, GPTModel
@@ -48,7 +48,7 @@ class TrainConfig:
     save_every: int | None = None         # steps between saves (default: eval_every)
     seed: int = 123
     device: str = "auto"
-    precision: str = "auto"               # "auto" (bf16 on a GPU that has it, else fp32), "bf16" or "fp32"
+    precision: str = "auto"               # "auto" (bf16 where it is native: see device.fast_bf16), "bf16", "fp32"
     compile: bool = False                 # torch.compile the model (worth it on a GPU for long runs)
     progress: bool = True
 
@@ -75,6 +75,7 @@ class TrainResult:
     interrupted: bool = False
     seconds: float = 0.0
     step_losses: list[float] = field(default_factory=list)  # training loss of every step of this run
+    precision: str = "fp32"                # what the training steps ran in: "bf16" (mixed) or "fp32"
 
 
 def learning_rate(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -122,10 +123,17 @@ def batch_loss(model: GPTModel, batch: dict, device) -> tuple[torch.Tensor, int]
     return loss, int((batch["labels"] != IGNORE_INDEX).sum())
 
 
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """"bf16" or "fp32": what ``precision`` means on ``device``. "auto" is bf16 mixed precision where the hardware
+    does bf16 natively (measured 1.2-1.5x faster per training step on an AVX-512 BF16 CPU: benchmarks/), else fp32."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
+
+
 def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
+    """bf16 autocast (matmuls in bf16, weights, softmax and optimizer in fp32), or nothing for fp32."""
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -166,7 +174,8 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
     save_every = cfg.save_every or cfg.eval_every
     forward_model = torch.compile(model) if cfg.compile else model
     best_state = None
-    result = TrainResult(history, start_step, best)
+    precision = resolve_precision(device, cfg.precision)
+    result = TrainResult(history, start_step, best, precision=precision)
     started = time.perf_counter()
 
     def micro_batches(first: int):
@@ -203,7 +212,7 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
                 **(extra_state or {})})
 
     step = start_step
-    bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, desc="training", unit="step")
+    bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, desc=f"training ({precision})", unit="step")
     model.train()
     try:
         if start_step == 0 and not history["step"]:
@@ -219,7 +228,7 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
                 group["lr"] = lr
             step_loss = 0.0
             for batch in step_batches:
-                with _autocast(device, cfg.precision):
+                with _autocast(device, precision):
                     loss, n_tokens = batch_loss(forward_model, batch, device)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
