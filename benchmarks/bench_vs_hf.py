@@ -9,6 +9,9 @@ alternating gptlib and HF (A/B, B/A, ...) over ``--repeats`` and reporting media
   (b) a pretraining step on full windows: tokens/s, and FLOP/s as a share of a matmul peak measured here;
   (c) greedy generation, batch 1: tokens/s against HF ``generate`` and against the loop with no cache;
   (d) peak memory of one step of (a) and (b), each in a fresh subprocess (see ``measure_memory``).
+(a), (b) and (d) are run for each side's default precision (gptlib's precision="auto" is bf16 mixed precision on a
+CPU with AVX-512 BF16 or AMX; HF trains in fp32 unless told otherwise), then for both in fp32 and both under bf16
+autocast, so that every ratio also has a same-precision twin. Generation is fp32 on both sides.
 Needs transformers: ``pip install 'gptlib[hf]'``.
 """
 
@@ -33,7 +36,7 @@ from gptlib.hf import hf_config, to_hf
 from gptlib.instructions import load_jsonl, split_examples
 from gptlib.model import IGNORE_INDEX, GPTModel
 from gptlib.tokenizer import encode
-from gptlib.train import TrainConfig, _autocast, batch_loss, make_optimizer
+from gptlib.train import TrainConfig, _autocast, batch_loss, make_optimizer, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 SARCASM = ROOT / "dataset" / "sarcasm" / "sarcasm_instruction_pairs.jsonl"
@@ -119,11 +122,15 @@ def gptlib_trainer(model: GPTModel, precision: str = "auto"):
     return step
 
 
-def hf_trainer(hf):
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5)  # what HF's Trainer builds by default
+def hf_trainer(hf, precision: str = "fp32"):
+    """HF's training step as its Trainer runs it: fused AdamW (its default with torch >= 2.8), and with
+    ``bf16=True`` the forward pass under bf16 autocast."""
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(batch: dict) -> None:
-        loss = hf(**batch).loss  # HF's standard loss: full logits, shifted, cross-entropy
+        with autocast:
+            loss = hf(**batch).loss  # HF's standard loss: full logits, shifted, cross-entropy
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         optimizer.step()
@@ -155,9 +162,9 @@ def ab(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 FLOP/s of an (n, n) @ (n, n) matmul: the ceiling a training step is measured against."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) matmul in ``dtype``: the ceiling a training step is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     return max(2 * n ** 3 / timed(lambda: a @ b) for _ in range(repeats))
 
@@ -180,7 +187,7 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(field)
 
 
-def memory_child(which: str, kind: str, config_name: str, batch_size: int) -> None:
+def memory_child(which: str, kind: str, config_name: str, batch_size: int, precision: str) -> None:
     """Runs in a subprocess: one warm-up step, then the peak RSS of one more step above the resting RSS.
 
     The warm-up allocates the optimizer state; writing 5 to /proc/self/clear_refs resets the peak (VmHWM),
@@ -193,11 +200,11 @@ def memory_child(which: str, kind: str, config_name: str, batch_size: int) -> No
         batch = pretrain_batch(cfg, batch_size)
     if which == "gptlib":
         model = GPTModel(cfg).train()
-        step = gptlib_trainer(model)
+        step = gptlib_trainer(model, precision)
     else:
         from transformers import GPT2LMHeadModel
         model = GPT2LMHeadModel(hf_config(cfg)).train()
-        step = hf_trainer(model)
+        step = hf_trainer(model, precision)
         if kind == "finetune":
             batch = hf_finetune_batch(batch, cfg.context_length)
         else:
@@ -209,8 +216,8 @@ def memory_child(which: str, kind: str, config_name: str, batch_size: int) -> No
     print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - rest) / 1024}))
 
 
-def measure_memory(which: str, kind: str, config_name: str, batch_size: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", which, kind, "--config", config_name,
+def measure_memory(which: str, kind: str, config_name: str, batch_size: int, precision: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", which, kind, precision, "--config", config_name,
                           "--batch-size", str(batch_size)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
@@ -245,7 +252,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--gen-tokens", type=int, default=200)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         import transformers  # noqa: F401
@@ -253,7 +260,8 @@ def main(argv=None) -> int:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
     if args.memory_child:
-        memory_child(*args.memory_child, args.config, args.batch_size)
+        which, kind, precision = args.memory_child
+        memory_child(which, kind, args.config, args.batch_size, precision)
         return 0
     global WARMUPS
     if args.quick:
@@ -277,8 +285,15 @@ def main(argv=None) -> int:
     print(f"sarcasm padding share, batch {args.batch_size}: {pad_grouped:.1%} grouped by length, "
           f"{pad_plain:.1%} plain shuffled")
 
-    rows = []  # (what, gptlib, hf, unit)
-    peak = matmul_peak()
+    rows = []  # (what, gptlib, reference)
+    auto = resolve_precision(torch.device("cpu"), "auto")
+    print(f"gptlib's default precision here (precision='auto'): {auto}")
+    # (gptlib precision, HF precision, label): the defaults of each, then the same precision on both sides
+    races = [("auto", "fp32", f"defaults: gptlib {auto}, HF fp32"), ("fp32", "fp32", "both fp32"),
+             ("bf16", "bf16", "both bf16 autocast")]
+    if auto == "fp32":
+        races = races[1:]
+    peaks = {"fp32": matmul_peak(), "bf16": matmul_peak(dtype=torch.bfloat16)}
     ours.train(), hf.train()
 
     # (a) fine-tuning
@@ -286,22 +301,24 @@ def main(argv=None) -> int:
     hf_batches = [hf_finetune_batch(b, cfg.context_length) for b in batches]
     supervised = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     assert supervised == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in hf_batches)
-    step_a, step_b = gptlib_trainer(ours), hf_trainer(hf)
-    ta, tb = ab(lambda: [step_a(b) for b in batches], lambda: [step_b(b) for b in hf_batches], args.repeats)
-    rows.append(("fine-tuning step, supervised tokens/s", supervised / med(ta), supervised / med(tb)))
-    step_bf16 = gptlib_trainer(ours, precision="bf16")  # opt-in: TrainConfig(precision="bf16")
-    tc, tb2 = ab(lambda: [step_bf16(b) for b in batches], lambda: [step_b(b) for b in hf_batches], args.repeats)
-    rows.append(("  same, gptlib precision=bf16 (HF fp32)", supervised / med(tc), supervised / med(tb2)))
+    for ours_precision, hf_precision, label in races:
+        step_a, step_b = gptlib_trainer(ours, ours_precision), hf_trainer(hf, hf_precision)
+        ta, tb = ab(lambda: [step_a(b) for b in batches], lambda: [step_b(b) for b in hf_batches], args.repeats)
+        rows.append((f"fine-tuning step, supervised tokens/s ({label})", supervised / med(ta), supervised / med(tb)))
     print("fine-tuning done", file=sys.stderr, flush=True)
 
     # (b) pretraining
     batch = pretrain_batch(cfg, args.batch_size)
     hf_batch = {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
     n_tok = batch["input_ids"].numel()
-    ta, tb = ab(lambda: step_a(batch), lambda: step_b(hf_batch), args.repeats)
-    rows.append(("pretraining step, tokens/s", n_tok / med(ta), n_tok / med(tb)))
     flops = step_flops(cfg, *batch["input_ids"].shape)
-    rows.append(("pretraining step, share of matmul peak", flops / med(ta) / peak, flops / med(tb) / peak))
+    for ours_precision, hf_precision, label in races:
+        step_a, step_b = gptlib_trainer(ours, ours_precision), hf_trainer(hf, hf_precision)
+        ta, tb = ab(lambda: step_a(batch), lambda: step_b(hf_batch), args.repeats)
+        rows.append((f"pretraining step, tokens/s ({label})", n_tok / med(ta), n_tok / med(tb)))
+        if ours_precision == hf_precision:
+            rows.append((f"  share of the {hf_precision} matmul peak", flops / med(ta) / peaks[hf_precision],
+                         flops / med(tb) / peaks[hf_precision]))
     print("pretraining done", file=sys.stderr, flush=True)
 
     # (c) greedy generation, batch 1; the training steps above moved the two models apart: same weights again
@@ -320,25 +337,30 @@ def main(argv=None) -> int:
     rows.append((f"greedy generation {n_gen} tokens, tokens/s", n_gen / med(ta), n_gen / med(tb)))
     rows.append(("  gptlib cached vs gptlib no-cache loop", n_gen / med(ta), n_gen / med(tn)))
 
-    peak_end = matmul_peak()  # a busy neighbour can depress one measurement: keep the better of two
-    rows = [(w, a * peak / max(peak, peak_end), b * peak / max(peak, peak_end)) if "share" in w else (w, a, b)
-            for w, a, b in rows]
-    peak = max(peak, peak_end)
+    # a busy neighbour can depress one peak measurement: keep the better of the two, and rescale the shares
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        best = max(peaks[name], matmul_peak(dtype=dtype))
+        rows = [(w, a * peaks[name] / best, b * peaks[name] / best) if f"{name} matmul peak" in w else (w, a, b)
+                for w, a, b in rows]
+        peaks[name] = best
 
     # (d) memory
     if not args.no_memory:
         for kind in ("finetune", "pretrain"):
-            a = measure_memory("gptlib", kind, args.config, args.batch_size)
-            b = measure_memory("hf", kind, args.config, args.batch_size)
-            rows.append((f"{kind} step peak memory above rest, MB", a, b))
+            for ours_precision, hf_precision, label in races:
+                a = measure_memory("gptlib", kind, args.config, args.batch_size, ours_precision)
+                b = measure_memory("hf", kind, args.config, args.batch_size, hf_precision)
+                rows.append((f"{kind} step peak memory above rest, MB ({label})", a, b))
 
-    print(f"matmul peak (fp32, 2048^3, best of 5 at the start and 5 at the end): {peak / 1e9:.0f} GFLOP/s")
+    print(f"matmul peak (2048^3, best of 5 at the start and 5 at the end): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print()
-    print(f"| {'measure (median of ' + str(args.repeats) + ')':<48} | {'gptlib':>10} | {'reference':>10} | {'ratio':>6} |")
-    print(f"|{'-' * 50}|{'-' * 12}|{'-' * 12}|{'-' * 8}|")
+    width = max(len(what) for what, _, _ in rows) + 2
+    print(f"| {'measure (median of ' + str(args.repeats) + ')':<{width}} | {'gptlib':>8} | {'reference':>9} | {'ratio':>6} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 10}|{'-' * 11}|{'-' * 8}|")
     for what, a, b in rows:
         fmt = (lambda x: f"{x:.0%}") if "share" in what else (lambda x: f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
-        print(f"| {what:<48} | {fmt(a):>10} | {fmt(b):>10} | {a / b:>5.2f}x |")
+        print(f"| {what:<{width}} | {fmt(a):>8} | {fmt(b):>9} | {a / b:>5.2f}x |")
     print("\nreference = HF GPT2LMHeadModel (same weights), except the no-cache row (gptlib use_cache=False).")
     print("Memory: peak RSS (VmHWM) of one step above the resting RSS after a warm-up step, fresh process each.")
     return 0
