@@ -265,7 +265,7 @@ def gptlib_process(argv, **kwargs):
 
 def _crash_args(d, out):
     return ["finetune", "--checkpoint", d / "base.pth", "--data", d / "pairs.jsonl", "--out", out,
-            "--max-steps", "24", "--save-every", "4", "--eval-every", "100", "--lr", "1e-3", "--quiet"]
+            "--max-steps", "96", "--save-every", "4", "--eval-every", "100", "--lr", "1e-3", "--quiet"]
 
 
 def _wait_for(path: Path, proc, timeout=120):
