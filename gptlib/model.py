@@ -23,7 +23,8 @@ from .config import GPTConfig
 IGNORE_INDEX = -100  # label value meaning "take no loss here" (PyTorch's cross_entropy default)
 # chunked_head_loss works on LOSS_ROW_CHUNK labelled tokens at a time: their (vocab, rows) fp32 logits are 51 MB with
 # GPT-2's vocabulary, and each matmul makes LOSS_VOCAB_CHUNK logits per row, a block small enough to stay in the
-# CPU's cache. Measured on a 2-core CPU: 1.2-1.3x faster than one (rows, vocab) matmul in fp32, 1.4x in bf16.
+# CPU's cache. Measured on a 2-core CPU, forward and backward at 345 and 2,048 rows: 1.4-1.7x faster than one
+# (rows, vocab) matmul and cross_entropy, in fp32 and in bf16.
 LOSS_ROW_CHUNK = 256
 LOSS_VOCAB_CHUNK = 2048
 
