@@ -3,7 +3,10 @@ import torch
 
 from gptlib import SamplingSettings, generate, stream
 from gptlib.generate import apply_repetition_penalty, filter_top_k, filter_top_p
-from gptlib.tokenizer import encode
+from gptlib import GPTModel
+from gptlib.tokenizer import decode, encode
+
+from conftest import tiny_config
 
 
 def test_greedy_with_and_without_cache_gives_identical_tokens(tiny_model):
@@ -58,3 +61,35 @@ def test_bad_settings_are_refused():
     for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(repetition_penalty=0)):
         with pytest.raises(ValueError):
             SamplingSettings(**bad)
+
+
+def test_generation_after_training_equals_the_saved_checkpoint_loaded_fresh(tmp_path):
+    """Sampling right after training must use the trained weights, as a fresh load of the file does.
+
+    Regression: a transposed copy of the LM head was cached between calls and keyed on the weight's version
+    counter, which the fused AdamW does not bump, so samples after training came from the untrained head.
+    """
+    import subprocess
+    import sys
+
+    from gptlib import TrainConfig, load_model, save_checkpoint, train, window_loader
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(tie_weights=True))
+    prompt = encode("The king said")
+    before = generate(model, prompt, 12, eos_id=None)  # a generation before training, as notebooks do
+    ids = torch.randint(0, 300, (4000,)).tolist()
+    loader = window_loader(ids, model.config.context_length, batch_size=8, shuffle=True, seed=1)
+    train(model, loader, cfg=TrainConfig(max_steps=12, lr=3e-3, eval_every=12, eval_batches=1, progress=False))
+    after = generate(model, prompt, 12, eos_id=None)
+    path = tmp_path / "trained.pth"
+    save_checkpoint(path, model)
+
+    fresh, _ = load_model(path)
+    assert after != before  # training changed the answer, so the comparison below can fail
+    assert generate(fresh.eval(), prompt, 12, eos_id=None) == after
+    # ... and from a new process, the way a user meets the file
+    text = subprocess.run([sys.executable, "-m", "gptlib.cli", "generate", "--checkpoint", str(path),
+                           "--max-new-tokens", "12", "The king said"],
+                          capture_output=True, text=True, check=True).stdout
+    assert text.rstrip("\n") == decode(after)
