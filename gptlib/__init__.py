@@ -13,7 +13,7 @@ from .hf import from_hf, load_pretrained, to_hf  # transformers is imported only
 from .generate import SamplingSettings, answer_instruction, generate, generate_text, stream
 from .instructions import Example, format_prompt, load_jsonl, split_examples
 from .model import GPTModel, KVCache
-from .tokenizer import EOT_ID, decode, encode, get_tokenizer
+from .tokenizer import EOT_ID, GPT2, BPETokenizer, GPT2Tokenizer, decode, encode, get_tokenizer, train_bpe
 from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"

@@ -2,10 +2,13 @@
 
 Three forms are read (see DESIGN.md):
 
-1. gptlib's own: ``{"format": "gptlib", "config", "model_state_dict", "optimizer_state_dict"?, "train_state"?}``;
+1. gptlib's own: ``{"format": "gptlib", "config", "tokenizer", "model_state_dict", "optimizer_state_dict"?,
+   "train_state"?}``; ``tokenizer`` is the tokenizer's ``to_dict()`` (plain strings), so one file is a whole model;
 2. the "LLMs from scratch" ``GPTModel`` form ``{"model_state_dict", "optimizer_state_dict"}`` with no config:
    the sizes are read from the tensor shapes, except the number of heads, which the caller gives;
 3. a bare ``state_dict`` in either naming.
+
+Files without a tokenizer (forms 2 and 3, and gptlib files written before tokenizers were stored) mean GPT-2.
 
 Everything is loaded with ``torch.load(..., weights_only=True)``: a checkpoint can never run code.
 """
@@ -23,6 +26,7 @@ from .config import GPTConfig
 from .errors import CheckpointError
 from .files import atomic_write
 from .model import GPTModel
+from .tokenizer import GPT2, Tokenizer, tokenizer_from_dict
 
 FORMAT = "gptlib"
 
@@ -53,6 +57,7 @@ class Checkpoint:
     optimizer_state: dict | None = None
     train_state: dict = field(default_factory=dict)
     source_format: str = FORMAT  # "gptlib", "llms-from-scratch" or "state_dict"
+    tokenizer: Tokenizer = GPT2  # what the token ids mean
 
 
 # ---------------------------------------------------------------- saving
@@ -66,6 +71,8 @@ def save_checkpoint(path, model: GPTModel, optimizer: torch.optim.Optimizer | No
         "config": model.config.to_dict(),
         "model_state_dict": model.state_dict(),
     }
+    if model.has_tokenizer:
+        payload["tokenizer"] = model.tokenizer.to_dict()
     if optimizer is not None:
         payload["optimizer_state_dict"] = optimizer.state_dict()
     if train_state:
@@ -90,8 +97,9 @@ def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = 
         optimizer_state = raw.get("optimizer_state_dict")
         stored_config = raw.get("config")
         train_state = raw.get("train_state") or {}
+        stored_tokenizer = raw.get("tokenizer")
     else:
-        state, optimizer_state, stored_config, train_state = raw, None, None, {}
+        state, optimizer_state, stored_config, train_state, stored_tokenizer = raw, None, None, {}, None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: 'model_state_dict' is not a dict of tensors")
     state = {_strip_prefixes(k): v for k, v in state.items()}
@@ -125,7 +133,18 @@ def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = 
         config = infer_config(path, state, n_heads, 0.1 if drop_rate is None else drop_rate)
     if scratch_state is not None:
         optimizer_state = _scratch_optimizer_to_gptlib(path, scratch_state, optimizer_state, config)
-    return Checkpoint(config, state, optimizer_state, dict(train_state), source_format)
+    try:
+        tokenizer = tokenizer_from_dict(stored_tokenizer if isinstance(stored_tokenizer, dict) else None)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: its stored tokenizer is unreadable: {exc}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{path}: the embedding ('tok_emb.weight') has {config.vocab_size:,} rows, fewer than the "
+            f"{tokenizer.vocab_size:,} tokens of its tokenizer ({tokenizer.name}"
+            f"{', assumed: the file stores none' if stored_tokenizer is None else ''}); ids above "
+            f"{config.vocab_size - 1} would have no row. Use the checkpoint with the tokenizer it was trained "
+            "with (save it with gptlib, which stores the tokenizer in the file)")
+    return Checkpoint(config, state, optimizer_state, dict(train_state), source_format, tokenizer)
 
 
 def infer_config(path, state: dict, n_heads: int | None, drop_rate: float = 0.1) -> GPTConfig:
@@ -157,7 +176,7 @@ def load_model(path, n_heads: int | None = None, device=None, drop_rate: float |
     With ``config`` given, the weights must fit it exactly (a clear error names the first tensor that does not).
     """
     ckpt = read_checkpoint(path, n_heads=n_heads, drop_rate=drop_rate)
-    model = GPTModel(config or ckpt.config)
+    model = GPTModel(config or ckpt.config, tokenizer=ckpt.tokenizer)
     load_weights(model, ckpt.model_state, source=str(path))
     if device is not None:
         model.to(device)

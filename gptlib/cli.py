@@ -1,4 +1,4 @@
-"""The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate, export.
+"""The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate, export, tokenizer.
 
 Exit status: 0 on success, 2 on bad input (one ``error:`` line on stderr, nothing written), 1 on an internal
 failure, 130 when interrupted (training saves its progress first).
@@ -25,7 +25,10 @@ EXAMPLES = {
     "chat": "example:\n  gptlib chat --checkpoint checkpoints/sarcasm.pth",
     "eval": "example:\n  gptlib eval --checkpoint checkpoints/sarcasm.pth --data "
             "dataset/sarcasm/sarcasm_instruction_pairs.jsonl --split test --json",
-    "validate": "example:\n  gptlib validate --data my_pairs.jsonl --context-length 256",
+    "validate": "example:\n  gptlib validate --data my_pairs.jsonl --checkpoint checkpoints/pretrained.pth",
+    "tokenizer": "example:\n  gptlib tokenizer --data dataset/pretraining/shakespeare_train.txt --vocab-size 4096 "
+                 "--out checkpoints/tokenizer.json\n  gptlib pretrain --data ... --tokenizer checkpoints/tokenizer.json "
+                 "--out ...",
     "export": "example:\n  gptlib export --checkpoint checkpoints/sarcasm.pth --to-hf checkpoints/sarcasm-hf\n"
               "then, in Python: transformers.pipeline(\"text-generation\", model=\"checkpoints/sarcasm-hf\")",
 }
@@ -137,6 +140,11 @@ def build_parser() -> Parser:
     for name in ("context-length", "emb-dim", "n-layers", "n-heads"):
         p.add_argument(f"--{name}", type=positive_int, help=f"override the preset's {name.replace('-', '_')}")
     p.add_argument("--drop-rate", type=float, help="override the preset's dropout")
+    g = p.add_argument_group("tokenizer (default: GPT-2's 50,257 tokens)")
+    g.add_argument("--tokenizer", type=Path, metavar="JSON", help="a tokenizer.json (from `gptlib tokenizer`)")
+    g.add_argument("--vocab-size", type=positive_int, metavar="N",
+                   help="train a byte-level BPE of N tokens on --data first (2 s on Shakespeare); the checkpoint "
+                        "stores it, and the output layer has N rows instead of 50,257")
     _add_training(p, lr=1e-3, epochs=1, batch_size=16, eval_every=100)
 
     p = command("generate", "continue a prompt, or answer an instruction",
@@ -172,6 +180,19 @@ def build_parser() -> Parser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--context-length", type=positive_int,
                    help="also report examples whose prompt alone fills this many tokens")
+    p.add_argument("--checkpoint", type=Path, metavar="PTH",
+                   help="count tokens with this checkpoint's tokenizer and check against its context length")
+    p.add_argument("--n-heads", type=positive_int, help="attention heads; needed only for checkpoints without a config")
+
+    p = command("tokenizer", "train a byte-level BPE tokenizer on text or JSONL files",
+                "Fit a byte-level BPE (Hugging Face tokenizers) with <|endoftext|> and N entries in all, and write "
+                "it as a tokenizer.json. Any text round-trips exactly. Prints tokens per character on each file.")
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="FILE",
+                   help=".txt files, or .jsonl files (their string fields are used)")
+    p.add_argument("--vocab-size", type=positive_int, required=True, metavar="N", help="entries in all (>= 258)")
+    p.add_argument("--min-frequency", type=positive_int, default=2, help="merge only pairs seen this often (2)")
+    p.add_argument("--out", type=Path, required=True, help="the tokenizer.json to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     p = command("export", "write a checkpoint as a Hugging Face transformers model folder",
                 "Write DIR with config.json, model.safetensors and GPT-2's tokenizer files, which transformers "
@@ -202,7 +223,8 @@ def cmd_pretrain(args) -> int:
     from .recipes import PretrainOptions, pretrain
     opts = PretrainOptions(data=args.data, out=args.out, preset=args.preset, context_length=args.context_length,
                            emb_dim=args.emb_dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                           drop_rate=args.drop_rate, val_data=args.val_data, val_fraction=args.val_fraction,
+                           drop_rate=args.drop_rate, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                           val_data=args.val_data, val_fraction=args.val_fraction,
                            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                            epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
                            warmup_steps=50 if args.warmup_steps is None else args.warmup_steps,
@@ -238,12 +260,11 @@ def _settings(args):
 
 def _print_stream(model, prompt: str, args) -> None:
     from .generate import stream
-    from .tokenizer import encode, get_tokenizer
-    tokenizer = get_tokenizer()
+    tokenizer = model.tokenizer  # the checkpoint's own
     pending = b""
-    for token in stream(model, encode(prompt), args.max_new_tokens, _settings(args),
+    for token in stream(model, tokenizer.encode(prompt), args.max_new_tokens, _settings(args),
                         use_cache=not args.no_cache, seed=args.seed):
-        pending += tokenizer.decode_single_token_bytes(token)
+        pending += tokenizer.token_bytes(token)
         try:  # a character can span several tokens: print once its bytes are complete
             sys.stdout.write(pending.decode("utf-8"))
             sys.stdout.flush()
@@ -297,7 +318,8 @@ def cmd_eval(args) -> int:
         examples = getattr(split_examples(examples, seed=args.seed), args.split)
     examples = examples[: args.limit] if args.limit else examples
     model = _load_for_inference(args)
-    loader = instruction_loader(examples, args.batch_size, model.config.context_length, shuffle=False)
+    loader = instruction_loader(examples, args.batch_size, model.config.context_length, shuffle=False,
+                                tokenizer=model.tokenizer)
     try:
         loss = evaluate_loss(model, loader)
     except ValueError as exc:
@@ -320,14 +342,21 @@ def cmd_eval(args) -> int:
 def cmd_validate(args) -> int:
     from .instructions import read_jsonl
     from .errors import DataError
+    from .tokenizer import GPT2
     examples, problems = read_jsonl(args.data)
-    if args.context_length:
+    tokenizer, context_length = GPT2, args.context_length
+    if args.checkpoint is not None:
+        from .checkpoint import read_checkpoint
+        ckpt = read_checkpoint(args.checkpoint, n_heads=args.n_heads)
+        tokenizer, context_length = ckpt.tokenizer, context_length or ckpt.config.context_length
+    if context_length:
         from .data import tokenize_example
         for example in examples:
-            item = tokenize_example(example)
-            if item.prompt_len >= args.context_length:
-                problems.append(f"{args.data}:{example.line}: the prompt alone is {item.prompt_len} tokens, "
-                                f"more than the context of {args.context_length}: no response token would be learned")
+            item = tokenize_example(example, tokenizer)
+            if item.prompt_len >= context_length:
+                problems.append(f"{args.data}:{example.line}: the prompt alone is {item.prompt_len} tokens "
+                                f"({tokenizer.name}), more than the context of {context_length}: no response "
+                                "token would be learned")
     if problems:
         for problem in problems:
             print(problem)
@@ -347,7 +376,39 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
+def cmd_tokenizer(args) -> int:
+    from .errors import DataError
+    from .tokenizer import read_corpus, train_bpe
+    if args.out.exists() and not args.overwrite:
+        raise UserInputError(f"--out {args.out}: already exists; pass --overwrite to replace it")
+    if not args.out.parent.is_dir():
+        raise UserInputError(f"--out {args.out}: the folder {args.out.parent} does not exist; create it first")
+    if args.vocab_size < 258:
+        raise UserInputError(f"--vocab-size must be at least 258 (256 bytes, <|endoftext|> and a merge), "
+                             f"got {args.vocab_size}")
+    texts = {}
+    for path in args.data:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        try:
+            texts[path] = list(read_corpus([path]))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not valid UTF-8 (byte offset {exc.start}); save the text as UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    tokenizer = train_bpe((t for docs in texts.values() for t in docs), args.vocab_size,
+                          min_frequency=args.min_frequency)
+    for path, docs in texts.items():
+        chars = sum(len(t) for t in docs)
+        tokens = sum(len(tokenizer.encode(t)) for t in docs)
+        _log(f"{path}: {tokens / max(1, chars):.3f} tokens per character")
+    tokenizer.save(args.out)
+    _log(f"wrote {args.out}: a byte-level BPE of {tokenizer.vocab_size:,} tokens (<|endoftext|> is id "
+         f"{tokenizer.eot_id})")
+    return 0
+
+
+COMMANDS = {"finetune": cmd_finetune, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "validate": cmd_validate, "export": cmd_export}
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import DataError
 from .instructions import Example, format_example
 from .model import IGNORE_INDEX
-from .tokenizer import EOT_ID, encode
+from .tokenizer import EOT_ID, GPT2, Tokenizer
 
 
 # ---------------------------------------------------------------- pretraining
@@ -60,22 +60,22 @@ class TokenizedExample:
     prompt_len: int  # how many of them belong to the prompt
 
 
-def tokenize_example(example: Example) -> TokenizedExample:
+def tokenize_example(example: Example, tokenizer: Tokenizer = GPT2) -> TokenizedExample:
     """Tokenise prompt and response separately so we know where the response starts.
 
-    (The template's prompt ends with a newline, which GPT-2's BPE never merges with the next word, so this
-    gives the same ids as tokenising the whole text at once.)
+    (The template's prompt ends with a newline, which a byte-level BPE with GPT-2's word-splitting pattern
+    never merges with the next word, so this gives the same ids as tokenising the whole text at once.)
     """
     prompt, response = format_example(example)
-    prompt_ids = encode(prompt)
-    return TokenizedExample(prompt_ids + encode(response), len(prompt_ids))
+    prompt_ids = tokenizer.encode(prompt)
+    return TokenizedExample(prompt_ids + tokenizer.encode(response), len(prompt_ids))
 
 
 class InstructionDataset(Dataset):
-    """Instruction examples, tokenised once up front."""
+    """Instruction examples, tokenised once up front (with the model's tokenizer; GPT-2's by default)."""
 
-    def __init__(self, examples: list[Example]):
-        self.items = [tokenize_example(e) for e in examples]
+    def __init__(self, examples: list[Example], tokenizer: Tokenizer = GPT2):
+        self.items = [tokenize_example(e, tokenizer) for e in examples]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -195,12 +195,16 @@ class EpochShuffledBatches(LengthGroupedBatches):
 
 def instruction_loader(examples: list[Example], batch_size: int, max_length: int, shuffle: bool = True,
                        mask_prompt: bool = True, truncation: str = "right", seed: int = 123,
-                       group_by_length: bool = True) -> DataLoader:
-    """A DataLoader of padded instruction batches (see :class:`InstructionCollator`)."""
-    dataset = InstructionDataset(examples)
+                       group_by_length: bool = True, tokenizer: Tokenizer = GPT2) -> DataLoader:
+    """A DataLoader of padded instruction batches (see :class:`InstructionCollator`).
+
+    Pass the model's tokenizer (``model.tokenizer``) when it is not GPT-2's; padding uses its end-of-text id.
+    """
+    dataset = InstructionDataset(examples, tokenizer)
     lengths = dataset.lengths() if group_by_length else [0] * len(dataset)
     sampler = LengthGroupedBatches(lengths, batch_size, seed=seed, shuffle=shuffle)
-    collate = InstructionCollator(max_length, mask_prompt=mask_prompt, truncation=truncation)
+    collate = InstructionCollator(max_length, mask_prompt=mask_prompt, truncation=truncation,
+                                  pad_id=tokenizer.eot_id)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 

@@ -14,7 +14,6 @@ import torch
 
 from .instructions import format_prompt
 from .model import GPTModel, KVCache
-from .tokenizer import EOT_ID, decode, encode
 
 
 @dataclass
@@ -92,9 +91,14 @@ def _next_logits(model: GPTModel, ids: torch.Tensor, cache: KVCache | None) -> t
 
 @torch.no_grad()
 def stream(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: SamplingSettings | None = None,
-           eos_id: int | None = EOT_ID, use_cache: bool = True, seed: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time; stops after ``max_new_tokens`` or at ``eos_id`` (not yielded)."""
+           eos_id: int | None | str = "auto", use_cache: bool = True, seed: int | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after ``max_new_tokens`` or at ``eos_id`` (not yielded).
+
+    ``eos_id="auto"`` is the end-of-text id of the model's tokenizer; ``None`` never stops early.
+    """
     settings = settings or SamplingSettings()
+    if eos_id == "auto":
+        eos_id = model.tokenizer.eot_id if model.has_tokenizer else None
     context_length = model.config.context_length
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=model.device)
     if ids.numel() == 0:
@@ -130,7 +134,7 @@ def stream(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: Sam
 
 
 def generate(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: SamplingSettings | None = None,
-             eos_id: int | None = EOT_ID, use_cache: bool = True, seed: int | None = None) -> list[int]:
+             eos_id: int | None | str = "auto", use_cache: bool = True, seed: int | None = None) -> list[int]:
     """The new token ids (without the prompt), as a list."""
     return list(stream(model, prompt_ids, max_new_tokens, settings, eos_id, use_cache, seed))
 
@@ -138,9 +142,11 @@ def generate(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: S
 def generate_text(model: GPTModel, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                   seed: int | None = None, use_cache: bool = True) -> str:
-    """Continue ``prompt``; return only the new text."""
+    """Continue ``prompt``; return only the new text. The model's own tokenizer turns text into ids and back."""
     settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
-    return decode(generate(model, encode(prompt), max_new_tokens, settings, use_cache=use_cache, seed=seed))
+    tokenizer = model.tokenizer
+    return tokenizer.decode(generate(model, tokenizer.encode(prompt), max_new_tokens, settings,
+                                     use_cache=use_cache, seed=seed))
 
 
 def answer_instruction(model: GPTModel, instruction: str, input: str = "", max_new_tokens: int = 100,

@@ -24,7 +24,7 @@ from .config import GPTConfig
 from .files import umask
 from .errors import UserInputError
 from .model import GPTModel
-from .tokenizer import END_OF_TEXT, EOT_ID, VOCAB_SIZE, bpe_ranks
+from .tokenizer import END_OF_TEXT, EOT_ID, GPT2, BPETokenizer, Tokenizer, bpe_ranks
 
 INSTALL_HINT = "this needs Hugging Face transformers: pip install 'gptlib[hf]'"
 
@@ -99,14 +99,14 @@ def config_from_hf(hf_config, source: str = "the Hugging Face model") -> GPTConf
         raise UserInputError(f"{source}: its config does not make a valid gptlib model: {exc}") from None
 
 
-def hf_config(config: GPTConfig):
+def hf_config(config: GPTConfig, eot_id: int = EOT_ID):
     """The ``GPT2Config`` of a gptlib model: same sizes, one dropout rate for all three of GPT-2's."""
     transformers = require_transformers()
     return transformers.GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.emb_dim,
         n_layer=config.n_layers, n_head=config.n_heads, activation_function="gelu_new", layer_norm_epsilon=1e-5,
         resid_pdrop=config.drop_rate, embd_pdrop=config.drop_rate, attn_pdrop=config.drop_rate,
-        bos_token_id=EOT_ID, eos_token_id=EOT_ID, tie_word_embeddings=config.tie_weights)
+        bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=config.tie_weights)
 
 
 # ---------------------------------------------------------------- HF -> gptlib
@@ -138,12 +138,23 @@ def from_hf(model_or_directory) -> GPTModel:
         state[ours] = tensor.clone(memory_format=torch.contiguous_format) if copy else tensor.contiguous()
     if config.tie_weights:
         state["out_head.weight"] = state["tok_emb.weight"]
+    tokenizer = None
+    if isinstance(model_or_directory, (str, os.PathLike)) and config.vocab_size < GPT2.vocab_size:
+        tokenizer = _folder_bpe(Path(model_or_directory))  # exported by gptlib with a trained BPE
     with torch.device("meta"):  # the weights come from HF: skip random initialisation
-        model = GPTModel(config)
+        model = GPTModel(config, tokenizer=tokenizer)
     model.load_state_dict(state, assign=True)
     if config.tie_weights:
         model.out_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter: share again
     return model.eval()
+
+
+def _folder_bpe(directory: Path) -> BPETokenizer | None:
+    path = directory / "tokenizer.json"
+    try:
+        return BPETokenizer.load(path) if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def _load_hf_directory(directory: Path, transformers):
@@ -172,19 +183,21 @@ def _first_line(exc: BaseException) -> str:
 def to_hf(model: GPTModel, directory=None, overwrite: bool = False):
     """An HF ``GPT2LMHeadModel`` with the same weights; with ``directory``, also a folder transformers loads.
 
-    The folder holds config.json, model.safetensors and GPT-2 tokenizer files built from gptlib's own ranks,
-    so ``GPT2LMHeadModel.from_pretrained(directory)`` and ``pipeline("text-generation", model=directory)``
+    The folder holds config.json, model.safetensors and the model's tokenizer (GPT-2's files built from gptlib's
+    own ranks, or a trained BPE as a ``PreTrainedTokenizerFast``), so ``GPT2LMHeadModel.from_pretrained(directory)``,
+    ``AutoTokenizer.from_pretrained(directory)`` and ``pipeline("text-generation", model=directory)``
     work offline. It is written in a temporary sibling folder and renamed into place, so a failure leaves
     nothing half-written; an existing non-empty folder is replaced only with ``overwrite=True``.
     """
     transformers = require_transformers()
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     config = model.config
+    tokenizer = model.tokenizer if model.has_tokenizer else None
     if directory is not None:
         directory = check_target(Path(directory), overwrite)
-        if config.vocab_size < VOCAB_SIZE:
+        if tokenizer is None:
             raise UserInputError(f"the model's vocab_size {config.vocab_size} is smaller than GPT-2's "
-                                 f"{VOCAB_SIZE}: the exported GPT-2 tokenizer would produce ids it has no row for")
+                                 f"{GPT2.vocab_size} and it has no tokenizer of its own to export")
     ours = model.state_dict()
     dtype = ours["tok_emb.weight"].dtype
     state = {}
@@ -194,7 +207,8 @@ def to_hf(model: GPTModel, directory=None, overwrite: bool = False):
             tensor = torch.zeros(3 * config.emb_dim, dtype=dtype)
         tensor = tensor.detach().cpu()
         state[theirs] = (tensor.t() if transposed else tensor).contiguous()
-    hf_model = transformers.GPT2LMHeadModel(hf_config(config)).to(dtype)
+    eot_id = tokenizer.eot_id if tokenizer is not None else EOT_ID
+    hf_model = transformers.GPT2LMHeadModel(hf_config(config, eot_id)).to(dtype)
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     # older transformers keep the causal mask as buffers named attn.bias / attn.masked_bias
     missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]
@@ -205,7 +219,7 @@ def to_hf(model: GPTModel, directory=None, overwrite: bool = False):
         hf_model.tie_weights()
     hf_model.eval()
     if directory is not None:
-        _write_atomically(directory, overwrite, lambda tmp: _write_hf_folder(hf_model, config, tmp))
+        _write_atomically(directory, overwrite, lambda tmp: _write_hf_folder(hf_model, config, tokenizer, tmp))
     return hf_model
 
 
@@ -247,9 +261,21 @@ def _write_atomically(directory: Path, overwrite: bool, write) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_hf_folder(hf_model, config: GPTConfig, folder: Path) -> None:
+def _write_hf_folder(hf_model, config: GPTConfig, tokenizer: Tokenizer, folder: Path) -> None:
     hf_model.save_pretrained(folder, safe_serialization=True)  # safetensors (the default from transformers 5 on)
-    write_tokenizer_files(folder, model_max_length=config.context_length)
+    if isinstance(tokenizer, BPETokenizer):
+        write_bpe_tokenizer_files(tokenizer, folder, model_max_length=config.context_length)
+    else:
+        write_tokenizer_files(folder, model_max_length=config.context_length)
+
+
+def write_bpe_tokenizer_files(tokenizer: BPETokenizer, folder, model_max_length: int) -> None:
+    """A trained byte-level BPE as a ``PreTrainedTokenizerFast`` (tokenizer.json and its config files)."""
+    from transformers import PreTrainedTokenizerFast
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf_tokenizer, model_max_length=model_max_length,
+                                   bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
+                                   clean_up_tokenization_spaces=False)
+    fast.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------- the tokenizer, in HF's files

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPTConfig
+from .tokenizer import GPT2, Tokenizer
 
 IGNORE_INDEX = -100  # label value meaning "take no loss here" (PyTorch's cross_entropy default)
 # chunked_head_loss works on LOSS_ROW_CHUNK labelled tokens at a time: their (vocab, rows) fp32 logits are 51 MB with
@@ -212,13 +213,15 @@ class GPTModel(nn.Module):
     ``model(input_ids)`` returns logits of shape (batch, tokens, vocab_size).
     ``model.loss(input_ids, labels)`` returns the mean cross-entropy over positions whose label is not -100;
     ``labels[b, t]`` is the token that should follow ``input_ids[b, t]`` (already shifted, as the collators make them).
+    ``model.tokenizer`` says what the ids mean; it is saved with the weights in every checkpoint.
     """
 
-    def __init__(self, config: GPTConfig | dict):
+    def __init__(self, config: GPTConfig | dict, tokenizer: Tokenizer | None = None):
         super().__init__()
         if isinstance(config, dict):
             config = GPTConfig.from_dict(config)
         self.config = config
+        self.tokenizer = tokenizer
         self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
         self.drop_emb = nn.Dropout(config.drop_rate)
@@ -239,6 +242,29 @@ class GPTModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer whose ids this model reads and writes (GPT-2's when none was given)."""
+        if self._tokenizer is None:
+            raise ValueError(f"this model has no tokenizer: its {self.config.vocab_size:,} embedding rows are fewer "
+                             f"than GPT-2's {GPT2.vocab_size:,}; build it with GPTModel(config, tokenizer=...)")
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer | None) -> None:
+        if tokenizer is None and self.config.vocab_size >= GPT2.vocab_size:
+            tokenizer = GPT2
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"the tokenizer {tokenizer.name!r} has {tokenizer.vocab_size:,} tokens but the model's "
+                             f"embedding has only {self.config.vocab_size:,} rows (vocab_size): ids above "
+                             f"{self.config.vocab_size - 1} would have no row; use a config with vocab_size >= "
+                             f"{tokenizer.vocab_size}")
+        self._tokenizer = tokenizer
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
 
     @property
     def device(self) -> torch.device:

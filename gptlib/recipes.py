@@ -23,7 +23,7 @@ from .evaluate import evaluate_loss, perplexity
 from .files import atomic_write
 from .instructions import load_jsonl, split_examples
 from .model import IGNORE_INDEX
-from .tokenizer import EOT_ID, encode
+from .tokenizer import EOT_ID, GPT2, BPETokenizer, Tokenizer, train_bpe
 from .train import TrainConfig, resolve_precision, train
 
 
@@ -134,10 +134,10 @@ class FinetuneOptions:
     progress: bool = True
 
 
-def count_trainable(examples, max_length: int, mask_prompt: bool, truncation: str) -> int:
+def count_trainable(examples, max_length: int, mask_prompt: bool, truncation: str, tokenizer: Tokenizer = GPT2) -> int:
     """How many examples keep at least one labelled token after truncation to ``max_length``."""
     collator = InstructionCollator(max_length, mask_prompt=mask_prompt, truncation=truncation)
-    dataset = InstructionDataset(examples)
+    dataset = InstructionDataset(examples, tokenizer)
     return sum(any(label != IGNORE_INDEX for label in collator.inputs_and_labels(item)[1]) for item in dataset)
 
 
@@ -155,11 +155,11 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
 
     resume = _resume_checkpoint(paths, data_hash) if opts.resume else None
     if resume is not None:
-        model = GPTModel(resume.config)
+        model = GPTModel(resume.config, tokenizer=resume.tokenizer)
     else:
         model, _ = load_model(opts.checkpoint, n_heads=opts.n_heads, drop_rate=opts.drop_rate)
     max_length = model.config.context_length
-    usable = count_trainable(split.train, max_length, opts.mask_prompt, opts.truncation)
+    usable = count_trainable(split.train, max_length, opts.mask_prompt, opts.truncation, model.tokenizer)
     if usable == 0:
         raise DataError(f"{opts.data}: every training example is longer than the model's context "
                         f"({max_length} tokens) before its response starts, so nothing is left to learn from; "
@@ -171,12 +171,13 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     set_seed(opts.seed)
     device = pick_device(opts.device)
     model.to(device)
-    make = dict(max_length=max_length, mask_prompt=opts.mask_prompt, truncation=opts.truncation, seed=opts.seed)
+    make = dict(max_length=max_length, mask_prompt=opts.mask_prompt, truncation=opts.truncation, seed=opts.seed,
+                tokenizer=model.tokenizer)  # the checkpoint's own tokenizer, kept in the fine-tuned file
     train_loader = instruction_loader(split.train, opts.batch_size, shuffle=True, **make)
     val_loader = instruction_loader(split.val, opts.batch_size, shuffle=False, **make)
     test_loader = instruction_loader(split.test, opts.batch_size, shuffle=False, **make)
     log(f"data: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test examples "
-        f"from {opts.data}; model: {model.num_parameters():,} parameters on {device}, "
+        f"from {opts.data}; model: {model.num_parameters():,} parameters, tokenizer {model.tokenizer.name}, on {device}, "
         f"{resolve_precision(device, opts.precision)}")
 
     if resume is not None:
@@ -216,6 +217,8 @@ class PretrainOptions:
     n_layers: int | None = None
     n_heads: int | None = None
     drop_rate: float | None = None
+    tokenizer: Path | None = None    # a tokenizer.json to use; None: GPT-2's, or a new one with vocab_size
+    vocab_size: int | None = None    # train a byte-level BPE of this size on the training text
     val_data: Path | None = None
     val_fraction: float = 0.1
     batch_size: int = 16
@@ -270,13 +273,19 @@ def pretrain(opts: PretrainOptions, log=print) -> dict:
         config = preset(opts.preset, **overrides)
     except ValueError as exc:
         raise UserInputError(f"model size: {exc}") from None
-    inputs = [opts.data] + ([Path(opts.val_data)] if opts.val_data else [])
+    if opts.tokenizer is not None and opts.vocab_size is not None:
+        raise UserInputError("give --tokenizer (a tokenizer.json) or --vocab-size (train one here), not both")
+    inputs = [opts.data] + ([Path(opts.val_data)] if opts.val_data else []) + \
+        ([Path(opts.tokenizer)] if opts.tokenizer else [])
     paths = check_output(opts.out, inputs, opts.overwrite, opts.resume)
     text = read_text(opts.data)
     data_hash = hashlib.sha256(text.encode()).hexdigest()
-    ids = encode(text)
+    resume = _resume_checkpoint(paths, data_hash) if opts.resume else None
+    tokenizer = resume.tokenizer if resume is not None else _pretrain_tokenizer(opts, text, log)
+    config.vocab_size = tokenizer.vocab_size  # one embedding row per token
+    ids = tokenizer.encode(text)
     if opts.val_data:
-        train_ids, val_ids = ids, encode(read_text(Path(opts.val_data)))
+        train_ids, val_ids = ids, tokenizer.encode(read_text(Path(opts.val_data)))
     else:
         if not 0 < opts.val_fraction < 1:
             raise UserInputError(f"--val-fraction must be between 0 and 1, got {opts.val_fraction}")
@@ -288,13 +297,12 @@ def pretrain(opts: PretrainOptions, log=print) -> dict:
             raise DataError(f"{opts.data}: the {name} text has {len(part)} tokens, fewer than one window of "
                             f"{ctx} + 1; give more text or a smaller --context-length")
 
-    resume = _resume_checkpoint(paths, data_hash) if opts.resume else None
     set_seed(opts.seed)
-    model = GPTModel(resume.config if resume is not None else config)
+    model = GPTModel(resume.config if resume is not None else config, tokenizer=tokenizer)
     device = pick_device(opts.device)
     train_loader = window_loader(train_ids, ctx, opts.batch_size, shuffle=True, seed=opts.seed)
     val_loader = window_loader(val_ids, ctx, opts.batch_size, shuffle=False)
-    log(f"data: {len(train_ids):,} training and {len(val_ids):,} validation tokens; model: "
+    log(f"data: {len(train_ids):,} training and {len(val_ids):,} validation tokens ({tokenizer.name}); model: "
         f"{model.num_parameters():,} parameters on {device}, {resolve_precision(device, opts.precision)}")
     cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
                       warmup_steps=opts.warmup_steps, eval_every=opts.eval_every, eval_batches=opts.eval_batches,
@@ -307,8 +315,26 @@ def pretrain(opts: PretrainOptions, log=print) -> dict:
     metrics = {"command": "pretrain", "data": str(opts.data), "config": model.config.to_dict(),
                "tokens": {"train": len(train_ids), "val": len(val_ids)},
                "final_val_loss": result.history["val_loss"][-1], "precision": result.precision,
+               "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
                "options": _plain_options(opts)}
     return _finish(model, result, paths, metrics, title=f"Pretraining on {opts.data.name}")
+
+
+def _pretrain_tokenizer(opts: PretrainOptions, text: str, log) -> Tokenizer:
+    """GPT-2's, a tokenizer.json given with --tokenizer, or a BPE of --vocab-size trained on the text now."""
+    if opts.tokenizer is not None:
+        try:
+            return BPETokenizer.load(opts.tokenizer)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserInputError(f"--tokenizer {opts.tokenizer}: {exc}") from None
+    if opts.vocab_size is not None:
+        try:
+            tokenizer = train_bpe([text], opts.vocab_size)
+        except ValueError as exc:
+            raise UserInputError(f"--vocab-size: {exc}") from None
+        log(f"trained a byte-level BPE of {tokenizer.vocab_size:,} tokens on {opts.data}")
+        return tokenizer
+    return GPT2
 
 
 def _plain_options(opts) -> dict:
