@@ -8,7 +8,7 @@ from .config import PRESETS, GPTConfig, preset
 from .data import InstructionCollator, InstructionDataset, TokenWindows, instruction_loader, window_loader
 from .device import pick_device, set_seed
 from .errors import CheckpointError, DataError, UserInputError
-from .evaluate import evaluate_loss, exact_match, perplexity, rouge_l
+from .evaluate import bits_per_character, evaluate_loss, exact_match, is_degenerate, known_word_share, perplexity, rouge_l
 from .hf import from_hf, load_pretrained, to_hf  # transformers is imported only when these are called
 from .generate import SamplingSettings, answer_instruction, generate, generate_text, stream
 from .instructions import Example, format_prompt, load_jsonl, split_examples

@@ -89,3 +89,37 @@ def score_answers(model: GPTModel, examples, max_new_tokens: int = 128, progress
     n = max(1, len(rows))
     return {"exact_match": sum(r["exact_match"] for r in rows) / n,
             "rouge_l": sum(r["rouge_l"] for r in rows) / n, "predictions": rows}
+
+
+def bits_per_character(model: GPTModel, token_ids, batch_size: int = 32, device=None) -> float:
+    """Bits per character of a token stream under the model: comparable across tokenizers, unlike loss per token.
+
+    The stream is cut into non-overlapping windows of the model's context; every predicted token's loss (nats) is
+    summed, converted to bits and divided by the characters those tokens spell (``model.tokenizer``).
+    """
+    from .data import window_loader
+    ids = list(token_ids)
+    ctx = model.config.context_length
+    loader = window_loader(ids, ctx, batch_size, shuffle=False)
+    n_predicted = len(loader.dataset) * ctx
+    nats = evaluate_loss(model, loader, device=device) * n_predicted
+    characters = len(model.tokenizer.decode(ids[1:n_predicted + 1]))
+    return nats / math.log(2) / characters
+
+
+def known_word_share(text: str, known_words: set[str]) -> float:
+    """Share of the words of ``text`` (lower-cased) found in ``known_words``: does a sample use the corpus's words?"""
+    words = _words(text)
+    return sum(w in known_words for w in words) / len(words) if words else 0.0
+
+
+def is_degenerate(text: str, n: int = 3, times: int = 3) -> bool:
+    """True when some word ``n``-gram occurs ``times`` times or more: the model is repeating itself."""
+    words = _words(text)
+    counts: dict[tuple, int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return True
+    return False

@@ -136,11 +136,27 @@ def make_example(task: str, rng: random.Random, words: list[str]) -> dict:
     }
 
 
-def generate_examples(n_per_task: int, seed: int = 0, tasks: Iterable[str] = TASKS) -> list[dict]:
+def split_words(words: list[str], unseen_share: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split the word list into (training words, unseen words), a fixed ``unseen_share`` held out.
+
+    Examples made from the unseen words test whether the model learned the *rule* (copy, reverse, capitalise)
+    rather than memorising answers for the words it trained on.
+    """
+    if not 0 <= unseen_share < 1:
+        raise ValueError(f"unseen_share must be in [0, 1), got {unseen_share}")
+    shuffled = list(words)
+    random.Random(seed).shuffle(shuffled)
+    n_unseen = round(len(shuffled) * unseen_share)
+    return sorted(shuffled[n_unseen:]), sorted(shuffled[:n_unseen])
+
+
+def generate_examples(n_per_task: int, seed: int = 0, tasks: Iterable[str] = TASKS,
+                      words: list[str] | None = None) -> list[dict]:
     """Make ``n_per_task`` distinct examples of every task, shuffled together.
 
     The result depends only on the arguments: the same seed always gives the
-    same list. No (instruction, input) pair appears twice.
+    same list. No (instruction, input) pair appears twice. ``words`` is the
+    vocabulary to draw from (default: the packaged common words).
     """
     tasks = tuple(dict.fromkeys(tasks))  # keep order, drop repeated names
     for task in tasks:
@@ -153,7 +169,7 @@ def generate_examples(n_per_task: int, seed: int = 0, tasks: Iterable[str] = TAS
         raise ValueError(f"only {n_sums} distinct 'add' examples exist, asked for {n_per_task}")
 
     rng = random.Random(seed)
-    words = load_common_words()
+    words = load_common_words() if words is None else list(words)
     seen: set[tuple[str, str]] = set()
     examples: list[dict] = []
 

@@ -14,6 +14,10 @@ from pathlib import Path
 
 FAST = os.environ.get("WORKBOOK_FAST", "") not in ("", "0")
 
+# The workbook's own tokenizer: a byte-level BPE of this many tokens trained on the Shakespeare training text.
+# Chosen by measurement (notebook 01 and the README): see WORKBOOK_VOCAB_SIZE's note in the README.
+WORKBOOK_VOCAB_SIZE = 4096
+
 
 def pick(full, fast):
     """``full`` normally, ``fast`` when WORKBOOK_FAST=1: ``steps = pick(2000, 20)``."""
@@ -53,6 +57,14 @@ def show_versions() -> None:
     print(f"device: {pick_device()} | threads: {torch.get_num_threads()} | mode: {'FAST (tests)' if FAST else 'full'}")
 
 
+def workbook_tokenizer(vocab_size: int = WORKBOOK_VOCAB_SIZE):
+    """The workbook's BPE, trained on ``dataset/pretraining/shakespeare_train.txt`` (about 2 seconds; the same
+    text and size always give the same tokenizer)."""
+    from .tokenizer import train_bpe
+    text = (project_root() / "dataset/pretraining/shakespeare_train.txt").read_text(encoding="utf-8")
+    return train_bpe([text], vocab_size, name=f"workbook-bpe-{vocab_size}")
+
+
 def load_or_make_pretrained(name: str = "pretrained.pth", quick_steps: int = 150):
     """The model notebook 04 saved; if there is none yet, say so and pretrain a quick one here.
 
@@ -63,7 +75,6 @@ def load_or_make_pretrained(name: str = "pretrained.pth", quick_steps: int = 150
     from .data import window_loader
     from .device import set_seed
     from .model import GPTModel
-    from .tokenizer import encode
     from .train import TrainConfig, train
 
     path = checkpoint_dir() / name
@@ -80,8 +91,9 @@ def load_or_make_pretrained(name: str = "pretrained.pth", quick_steps: int = 150
     print(f"no {path} yet (notebook 04 makes it): pretraining a quick stand-in for {steps} steps instead")
     set_seed(123)
     text = (project_root() / "dataset/pretraining/shakespeare_train.txt").read_text(encoding="utf-8")
-    model = GPTModel(preset("tiny"))
-    loader = window_loader(encode(text[: 2_000_000]), model.config.context_length, batch_size=8)
+    tokenizer = workbook_tokenizer()
+    model = GPTModel(preset("tiny", vocab_size=tokenizer.vocab_size), tokenizer=tokenizer)
+    loader = window_loader(tokenizer.encode(text[: 2_000_000]), model.config.context_length, batch_size=8)
     train(model, loader, cfg=TrainConfig(max_steps=steps, lr=2e-3, warmup_steps=min(20, steps), eval_every=steps,
                                          eval_batches=2))
     save_checkpoint(quick, model)
