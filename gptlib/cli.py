@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .guards import check_options
 
 EXAMPLES = {
     "finetune": "example:\n  gptlib finetune --checkpoint model_and_optimizer.pth --n-heads 4 \\\n"
@@ -33,6 +35,13 @@ EXAMPLES = {
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one ``error:`` line and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # `--lr -1e-4`: argparse takes "-1e-4" for a flag unless it looks like a number; teach it every number,
+        # so the value reaches its check ("must be positive") instead of "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def error(self, message: str):
         sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
@@ -164,6 +173,7 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--predictions", type=Path, help="write every answer with its scores to this JSONL file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --predictions file if it exists")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -288,16 +298,21 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from .data import instruction_loader
     from .evaluate import evaluate_loss, perplexity, score_answers
-    from .files import atomic_write
+    from .files import atomic_write, check_new_output
+    from .guards import check_loader_tokens
     from .instructions import load_jsonl, split_examples
     if args.predictions is not None and not args.predictions.parent.is_dir():
         raise UserInputError(f"--predictions {args.predictions}: the folder {args.predictions.parent} does not exist")
+    if args.predictions is not None:
+        check_new_output(args.predictions, "--predictions", {"--data": args.data, "--checkpoint": args.checkpoint},
+                         args.overwrite)
     examples = load_jsonl(args.data)
     if args.split != "all":
         examples = getattr(split_examples(examples, seed=args.seed), args.split)
     examples = examples[: args.limit] if args.limit else examples
     model = _load_for_inference(args)
     loader = instruction_loader(examples, args.batch_size, model.config.context_length, shuffle=False)
+    check_loader_tokens(loader, model.config.vocab_size, args.data)
     try:
         loss = evaluate_loss(model, loader)
     except ValueError as exc:
@@ -339,7 +354,11 @@ def cmd_validate(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import load_model
     from .hf import check_target, require_transformers, to_hf
+    from .files import inside
     require_transformers()
+    if inside(args.checkpoint, args.to_hf):
+        raise UserInputError(f"--checkpoint {args.checkpoint}: is inside --to-hf {args.to_hf}, the folder export "
+                             "writes (and replaces); export to another folder, or move the checkpoint out first")
     check_target(args.to_hf, args.overwrite)  # refuse a bad target before loading anything
     model, _ = load_model(args.checkpoint, n_heads=args.n_heads)
     to_hf(model, args.to_hf, overwrite=args.overwrite)
@@ -365,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_options(vars(args))  # NaN, infinities, seeds beyond 64 bits, sizes that cannot fit: before any work
         return COMMANDS[args.command](args)
     except UserInputError as exc:
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
