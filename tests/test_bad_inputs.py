@@ -170,7 +170,7 @@ CATALOGUE = [
                  marks=pytest.mark.skipif(NO_CUDA, reason="this machine has CUDA")),
     ("--device tpu", with_flags(GENERATE, device="tpu"), [r"--device tpu", r"cpu"], None, None),
     ("vocabulary of 1,000 with GPT-2 ids (generate)", with_flags(GENERATE, checkpoint="{d}/vocab1000.pth"),
-     BOTH_SIZES, copy_asset("vocab1000.pth"), None),
+     [r"1,?000\b", r"(15,?49[67]|50,?25[67])"], copy_asset("vocab1000.pth"), None),  # "Hello" is id 15496
     ("vocabulary of 1,000 with GPT-2 ids (eval)", with_flags(EVAL, checkpoint="{d}/vocab1000.pth"),
      BOTH_SIZES, copy_asset("vocab1000.pth"), None),
     ("vocabulary of 1,000 with GPT-2 ids (finetune)", with_flags(FINETUNE, checkpoint="{d}/vocab1000.pth"),
@@ -185,7 +185,7 @@ CATALOGUE = [
     ("checkpoint that pickles os.system", with_flags(GENERATE, checkpoint="{d}/code.pth"),
      [r"code\.pth", r"pickled"], checkpoint_that_runs_code, "weights_only=False"),
     ("100,000-deep nested JSON (validate)", ["validate", "--data", "{d}/nested.jsonl"],
-     [r"nested\.jsonl:2:", r"nested"], deeply_nested_line, None),
+     [r"nested\.jsonl:2:", r"too deeply"], deeply_nested_line, None),
     ("invalid JSON message wording (validate)", ["validate", "--data", "{d}/control.jsonl"],
      [r"control\.jsonl:1: invalid JSON"], write_file("control.jsonl", '{"instruction": "a\x01", "response": "b"}\n'),
      "at at"),
@@ -280,7 +280,7 @@ def test_generation_refuses_token_ids_beyond_the_vocabulary():
     from gptlib.errors import UserInputError
     from gptlib.generate import generate
     model = tiny_model(vocab_size=1000).eval()
-    with pytest.raises(UserInputError, match=r"5000.*1000"):
+    with pytest.raises(UserInputError, match=r"5,?000.*1,?000"):
         generate(model, [1, 5000], max_new_tokens=2)
     assert len(generate(model, [1, 999], max_new_tokens=2, eos_id=None)) == 2
 
@@ -378,7 +378,7 @@ def test_second_concurrent_run_fails_and_sigterm_saves_progress(folder):
     try:
         progress = folder / "out.progress.pth"
         wait_for(progress, first)
-        second = gptlib_process(args)
+        second = gptlib_process([a.format(d=folder) for a in FINETUNE])  # same --out, two steps
         _, err = second.communicate(timeout=HANG_GUARD)
         assert second.returncode == 2 and err.startswith("error: ") and str(first.pid) in err, err
         first.send_signal(signal.SIGTERM)
