@@ -1,7 +1,7 @@
 """The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate, export.
 
 Exit status: 0 on success, 2 on bad input (one ``error:`` line on stderr, nothing written), 1 on an internal
-failure, 130 when interrupted (training saves its progress first).
+failure, 130 when interrupted by Ctrl-C or SIGTERM (training saves its progress first).
 """
 
 from __future__ import annotations
