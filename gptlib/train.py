@@ -150,7 +150,7 @@ def _diverged(step: int, what: str, cfg: TrainConfig) -> TrainingDiverged:
     kept, resume = "", ""
     if cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path):
         kept = f"the last good progress save, {cfg.checkpoint_path}, is kept and "
-        resume = " (--resume continues from it)"
+        resume = ", with --resume to continue from that save or --overwrite to start over"
     return TrainingDiverged(
         f"training diverged at step {step}: {what} is not finite, so {kept}no final checkpoint was written; "
         f"the learning rate {cfg.lr:g} is probably too high: lower --lr and run again{resume}")
