@@ -25,6 +25,7 @@ import torch
 from .config import GPTConfig
 from .errors import CheckpointError
 from .files import atomic_write
+from .guards import check_finite_tensors, unpickling_reason
 from .model import GPTModel
 from .tokenizer import GPT2, Tokenizer, tokenizer_from_dict
 
@@ -103,6 +104,7 @@ def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: 'model_state_dict' is not a dict of tensors")
     state = {_strip_prefixes(k): v for k, v in state.items()}
+    check_finite_tensors(path, state, optimizer_state)
 
     wrapped = "model_state_dict" in raw
     scratch_state = None
@@ -210,12 +212,13 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # a class or function reference: the file wants to run code
+        if "GLOBAL" in str(exc) or "Unsupported global" in str(exc):  # a class or function: the file wants to run code
             raise CheckpointError(
                 f"{path}: holds pickled Python objects, not only tensors; gptlib loads with weights_only=True "
                 "and refuses it, since such a file can run code. Re-save just the state_dict "
                 "(torch.save(model.state_dict(), path)) from code you trust") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc}); was it saved with torch.save?") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({unpickling_reason(exc)}); "
+                              "was it saved with torch.save?") from None
     except Exception as exc:  # torch.load fails in many ways on a damaged file; each means "unreadable"
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or a truncated copy ({detail}); "

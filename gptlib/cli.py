@@ -1,17 +1,19 @@
 """The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate, export, tokenizer.
 
 Exit status: 0 on success, 2 on bad input (one ``error:`` line on stderr, nothing written), 1 on an internal
-failure, 130 when interrupted (training saves its progress first).
+failure, 130 when interrupted by Ctrl-C or SIGTERM (training saves its progress first).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .guards import check_options
 
 EXAMPLES = {
     "finetune": "example:\n  gptlib finetune --checkpoint model_and_optimizer.pth --n-heads 4 \\\n"
@@ -36,6 +38,13 @@ EXAMPLES = {
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one ``error:`` line and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # `--lr -1e-4`: argparse takes "-1e-4" for a flag unless it looks like a number; teach it every number,
+        # so the value reaches its check ("must be positive") instead of "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def error(self, message: str):
         sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
@@ -172,6 +181,7 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--predictions", type=Path, help="write every answer with its scores to this JSONL file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --predictions file if it exists")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -309,10 +319,14 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from .data import instruction_loader
     from .evaluate import evaluate_loss, perplexity, score_answers
-    from .files import atomic_write
+    from .files import atomic_write, check_new_output
+    from .guards import check_loader_tokens
     from .instructions import load_jsonl, split_examples
     if args.predictions is not None and not args.predictions.parent.is_dir():
         raise UserInputError(f"--predictions {args.predictions}: the folder {args.predictions.parent} does not exist")
+    if args.predictions is not None:
+        check_new_output(args.predictions, "--predictions", {"--data": args.data, "--checkpoint": args.checkpoint},
+                         args.overwrite)
     examples = load_jsonl(args.data)
     if args.split != "all":
         examples = getattr(split_examples(examples, seed=args.seed), args.split)
@@ -320,6 +334,7 @@ def cmd_eval(args) -> int:
     model = _load_for_inference(args)
     loader = instruction_loader(examples, args.batch_size, model.config.context_length, shuffle=False,
                                 tokenizer=model.tokenizer)
+    check_loader_tokens(loader, model.config.vocab_size, args.data)
     try:
         loss = evaluate_loss(model, loader)
     except ValueError as exc:
@@ -368,7 +383,11 @@ def cmd_validate(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import load_model
     from .hf import check_target, require_transformers, to_hf
+    from .files import inside
     require_transformers()
+    if inside(args.checkpoint, args.to_hf):
+        raise UserInputError(f"--checkpoint {args.checkpoint}: is inside --to-hf {args.to_hf}, the folder export "
+                             "writes (and replaces); export to another folder, or move the checkpoint out first")
     check_target(args.to_hf, args.overwrite)  # refuse a bad target before loading anything
     model, _ = load_model(args.checkpoint, n_heads=args.n_heads)
     to_hf(model, args.to_hf, overwrite=args.overwrite)
@@ -379,10 +398,8 @@ def cmd_export(args) -> int:
 def cmd_tokenizer(args) -> int:
     from .errors import DataError
     from .tokenizer import read_corpus, train_bpe
-    if args.out.exists() and not args.overwrite:
-        raise UserInputError(f"--out {args.out}: already exists; pass --overwrite to replace it")
-    if not args.out.parent.is_dir():
-        raise UserInputError(f"--out {args.out}: the folder {args.out.parent} does not exist; create it first")
+    from .files import check_new_output
+    check_new_output(args.out, "--out", {f"--data {path}": path for path in args.data}, args.overwrite)
     if args.vocab_size < 258:
         raise UserInputError(f"--vocab-size must be at least 258 (256 bytes, <|endoftext|> and a merge), "
                              f"got {args.vocab_size}")
@@ -426,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_options(vars(args))  # NaN, infinities, seeds beyond 64 bits, sizes that cannot fit: before any work
         return COMMANDS[args.command](args)
     except UserInputError as exc:
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")

@@ -15,3 +15,11 @@ class DataError(UserInputError):
 
 class CheckpointError(UserInputError):
     """A checkpoint file that cannot be read into a model."""
+
+
+class OutputError(UserInputError):
+    """An output that cannot be written: a missing or read-only folder, a full disk, or a file in use."""
+
+
+class TrainingDiverged(UserInputError):
+    """Training met a non-finite loss or gradient, almost always from a learning rate that is too high."""

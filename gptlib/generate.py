@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from .guards import check_generation_fits, check_options, check_token_ids
 from .instructions import format_prompt
 from .model import GPTModel, KVCache
 
@@ -26,6 +27,7 @@ class SamplingSettings:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        check_options(vars(self))  # NaN or infinity in any of them
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -103,6 +105,8 @@ def stream(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: Sam
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=model.device)
     if ids.numel() == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    check_token_ids(ids, model.config.vocab_size, "the prompt")
+    check_generation_fits(max_new_tokens, len(ids))  # the buffer below holds every token: refuse what cannot fit
     ids = ids[-context_length:]  # a prompt longer than the context keeps its end
     # prompt and new tokens live in one preallocated buffer: no torch.cat (a new tensor) per token
     buffer, n = ids.new_empty(len(ids) + max_new_tokens), len(ids)

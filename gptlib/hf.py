@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import GPTConfig
-from .files import umask
+from .files import usual_permissions
 from .errors import UserInputError
 from .model import GPTModel
 from .tokenizer import END_OF_TEXT, EOT_ID, GPT2, BPETokenizer, Tokenizer, bpe_ranks
@@ -243,7 +243,7 @@ def _write_atomically(directory: Path, overwrite: bool, write) -> None:
     old = None
     try:
         write(tmp)
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes the folder private; give it the usual permissions
+        usual_permissions(tmp)  # mkdtemp makes the folder private, safetensors its file: give the usual ones
         if directory.exists():
             old = directory.with_name(f"{tmp.name}.old")
             os.rename(directory, old)

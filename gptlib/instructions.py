@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def read_jsonl(path) -> tuple[list[Example], list[str]]:
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path}: is a directory; give the path of a .jsonl file")
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # Windows Notepad's UTF-8 starts with one
     examples, problems = [], []
     for number, line_bytes in enumerate(raw.splitlines(), start=1):
         try:
@@ -93,7 +94,11 @@ def read_jsonl(path) -> tuple[list[Example], list[str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})")
+            problems.append(f"{path}:{number}: invalid JSON ({exc.msg}; column {exc.colno})")
+            continue
+        except RecursionError:
+            problems.append(f"{path}:{number}: JSON nested too deeply to read (arrays or objects inside each "
+                            "other thousands of levels deep); flatten that line")
             continue
         try:
             examples.append(parse_record(record, number))

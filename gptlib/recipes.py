@@ -20,7 +20,8 @@ from .data import InstructionCollator, InstructionDataset, instruction_loader, w
 from .device import pick_device, set_seed
 from .errors import DataError, UserInputError
 from .evaluate import evaluate_loss, perplexity
-from .files import atomic_write
+from .files import RunLock, atomic_write, same_file
+from .guards import check_loader_tokens, check_model_fits, check_options
 from .instructions import load_jsonl, split_examples
 from .model import IGNORE_INDEX
 from .tokenizer import EOT_ID, GPT2, BPETokenizer, Tokenizer, train_bpe
@@ -44,8 +45,11 @@ class RunPaths:
         return self.out.with_suffix(".metrics.json")
 
 
-def check_output(out: Path, inputs: list[Path], overwrite: bool, resume: bool) -> RunPaths:
-    """Refuse an output path that cannot or should not be written, before any work starts."""
+def check_output(out: Path, inputs: list[Path], overwrite: bool, resume: bool, lock: RunLock | None = None) -> RunPaths:
+    """Refuse an output path that cannot or should not be written, before any work starts.
+
+    With ``lock`` the run claims ``out`` before looking at what exists there, so no other run can write it meanwhile.
+    """
     out = Path(out)
     if out.suffix != ".pth":
         raise UserInputError(f"--out {out}: give a file name ending in .pth")
@@ -55,16 +59,38 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool, resume: bool) -
         raise UserInputError(f"--out {out}: the folder {out.parent} is not writable")
     if out.is_dir():
         raise UserInputError(f"--out {out}: is a directory; give a file name ending in .pth")
+    if lock is not None:
+        lock.acquire()
     for path in inputs:
         if path.exists() and out.resolve() == path.resolve():
             raise UserInputError(f"--out {out}: would overwrite the input {path}; choose another name")
-    if out.exists() and not (overwrite or resume):
+    if out.exists() and not overwrite:
         raise UserInputError(f"--out {out}: already exists; pass --overwrite to replace it (only when the run succeeds)")
     paths = RunPaths(out)
+    _check_run_files(paths, inputs, overwrite, resume)
     if resume and not paths.progress.exists():
         raise UserInputError(f"--resume: there is no progress file {paths.progress} to resume from; "
                              "start the run without --resume")
     return paths
+
+
+def _check_run_files(paths: RunPaths, inputs: list[Path], overwrite: bool, resume: bool) -> None:
+    """The files a run writes beside OUT follow OUT's rules: never one of the run's inputs, never an existing file
+    replaced without --overwrite (and the progress file of an unfinished run only with --resume or --overwrite)."""
+    written = {"the progress file": paths.progress, "the loss plot": paths.plot, "the metrics file": paths.metrics}
+    for what, path in written.items():
+        for source in inputs:
+            if source.exists() and same_file(source, path):
+                raise UserInputError(f"{source}: is {what} of --out {paths.out}, which this run writes over (and "
+                                     "deletes, for the progress file); copy it to another name and give that, "
+                                     "or choose another --out")
+    for what in ("the loss plot", "the metrics file"):
+        if written[what].exists() and not overwrite:
+            raise UserInputError(f"--out {paths.out}: {what} {written[what]} already exists; pass --overwrite to "
+                                 "replace it (only when the run succeeds), or choose another --out")
+    if paths.progress.exists() and not (resume or overwrite):
+        raise UserInputError(f"--out {paths.out}: {paths.progress} holds the progress of an unfinished run; pass "
+                             "--resume to continue it, or --overwrite to start again")
 
 
 def file_sha256(path: Path) -> str:
@@ -142,13 +168,22 @@ def count_trainable(examples, max_length: int, mask_prompt: bool, truncation: st
 
 
 def finetune(opts: FinetuneOptions, log=print) -> dict:
-    """Fine-tune a checkpoint on instruction data; return the metrics (also written as JSON)."""
+    """Fine-tune a checkpoint on instruction data; return the metrics (also written as JSON).
+
+    The run holds a lock beside OUT (``OUT.lock``) from its first look at OUT to its last write.
+    """
+    with RunLock(opts.out) as lock:
+        return _finetune(opts, log, lock)
+
+
+def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> dict:
     opts.checkpoint, opts.data, opts.out = Path(opts.checkpoint), Path(opts.data), Path(opts.out)
+    check_options(asdict(opts))
     _check_positive(batch_size=opts.batch_size, lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps,
                     eval_every=opts.eval_every, save_every=opts.save_every)
     if opts.weight_decay < 0:
         raise UserInputError(f"--weight-decay must be zero or positive, got {opts.weight_decay}")
-    paths = check_output(opts.out, [opts.checkpoint, opts.data], opts.overwrite, opts.resume)
+    paths = check_output(opts.out, [opts.checkpoint, opts.data], opts.overwrite, opts.resume, lock)
     examples = load_jsonl(opts.data)
     split = split_examples(examples, seed=opts.seed)
     data_hash = file_sha256(opts.data)
@@ -176,6 +211,7 @@ def finetune(opts: FinetuneOptions, log=print) -> dict:
     train_loader = instruction_loader(split.train, opts.batch_size, shuffle=True, **make)
     val_loader = instruction_loader(split.val, opts.batch_size, shuffle=False, **make)
     test_loader = instruction_loader(split.test, opts.batch_size, shuffle=False, **make)
+    check_loader_tokens([train_loader, val_loader, test_loader], model.config.vocab_size, opts.data)
     log(f"data: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test examples "
         f"from {opts.data}; model: {model.num_parameters():,} parameters, tokenizer {model.tokenizer.name}, on {device}, "
         f"{resolve_precision(device, opts.precision)}")
@@ -250,7 +286,7 @@ def read_text(path: Path) -> str:
     for file in files:
         raw = file.read_bytes()
         try:
-            texts.append(raw.decode("utf-8"))
+            texts.append(raw.decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n"))  # as if saved on Linux
         except UnicodeDecodeError as exc:
             line = raw[: exc.start].count(b"\n") + 1
             raise DataError(f"{file}:{line}: not valid UTF-8 (byte offset {exc.start}); save the text as UTF-8") from None
@@ -261,8 +297,17 @@ def read_text(path: Path) -> str:
 
 
 def pretrain(opts: PretrainOptions, log=print) -> dict:
-    """Pretrain a fresh model on plain text; return the metrics (also written as JSON)."""
+    """Pretrain a fresh model on plain text; return the metrics (also written as JSON).
+
+    The run holds a lock beside OUT (``OUT.lock``) from its first look at OUT to its last write.
+    """
+    with RunLock(opts.out) as lock:
+        return _pretrain(opts, log, lock)
+
+
+def _pretrain(opts: PretrainOptions, log=print, lock: RunLock | None = None) -> dict:
     opts.data, opts.out = Path(opts.data), Path(opts.out)
+    check_options(asdict(opts))
     _check_positive(batch_size=opts.batch_size, lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps,
                     eval_every=opts.eval_every, save_every=opts.save_every)
     if opts.preset not in PRESETS:
@@ -273,11 +318,12 @@ def pretrain(opts: PretrainOptions, log=print) -> dict:
         config = preset(opts.preset, **overrides)
     except ValueError as exc:
         raise UserInputError(f"model size: {exc}") from None
+    check_model_fits(config)
     if opts.tokenizer is not None and opts.vocab_size is not None:
         raise UserInputError("give --tokenizer (a tokenizer.json) or --vocab-size (train one here), not both")
     inputs = [opts.data] + ([Path(opts.val_data)] if opts.val_data else []) + \
         ([Path(opts.tokenizer)] if opts.tokenizer else [])
-    paths = check_output(opts.out, inputs, opts.overwrite, opts.resume)
+    paths = check_output(opts.out, inputs, opts.overwrite, opts.resume, lock)
     text = read_text(opts.data)
     data_hash = hashlib.sha256(text.encode()).hexdigest()
     resume = _resume_checkpoint(paths, data_hash) if opts.resume else None
@@ -302,6 +348,7 @@ def pretrain(opts: PretrainOptions, log=print) -> dict:
     device = pick_device(opts.device)
     train_loader = window_loader(train_ids, ctx, opts.batch_size, shuffle=True, seed=opts.seed)
     val_loader = window_loader(val_ids, ctx, opts.batch_size, shuffle=False)
+    check_loader_tokens([train_loader, val_loader], model.config.vocab_size, opts.data)
     log(f"data: {len(train_ids):,} training and {len(val_ids):,} validation tokens ({tokenizer.name}); model: "
         f"{model.num_parameters():,} parameters on {device}, {resolve_precision(device, opts.precision)}")
     cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,

@@ -14,6 +14,9 @@ import contextlib
 import copy
 import itertools
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, load_weights, save_checkpoint
 from .device import fast_bf16, pick_device
-from .errors import CheckpointError, UserInputError
+from .errors import CheckpointError, TrainingDiverged, UserInputError
 from .evaluate import evaluate_loss
 from .model import IGNORE_INDEX, GPTModel
 
@@ -142,16 +145,47 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
+def _diverged(step: int, what: str, cfg: TrainConfig) -> TrainingDiverged:
+    """The error for a non-finite loss, gradient or weight: where it happened, what was kept, what to do."""
+    kept, resume = "", ""
+    if cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path):
+        kept = f"the last good progress save, {cfg.checkpoint_path}, is kept and "
+        resume = ", with --resume to continue from that save or --overwrite to start over"
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what} is not finite, so {kept}no final checkpoint was written; "
+        f"the learning rate {cfg.lr:g} is probably too high: lower --lr and run again{resume}")
+
+
+def _check_weights(model: GPTModel, step: int, cfg: TrainConfig) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise _diverged(step, f"the weight {name!r} after the step", cfg)
+
+
+def _sigterm_as_ctrl_c() -> Callable[[], None]:
+    """Make SIGTERM (what `timeout`, Slurm, Colab and container stops send) raise KeyboardInterrupt, so it saves
+    progress as Ctrl-C does. Returns the function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # only the main thread may set handlers
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | None = None,
           optimizer: torch.optim.Optimizer | None = None, resume: Checkpoint | None = None,
           on_step: Callable[[int, float], None] | None = None, extra_state: dict | None = None) -> TrainResult:
     """Train ``model`` in place and return its loss history.
 
     ``resume`` is a :class:`~gptlib.checkpoint.Checkpoint` read from a file this function saved; training
-    continues from its step with its weights and optimizer state. Ctrl-C saves a resumable checkpoint (when
-    ``cfg.checkpoint_path`` is set) and returns with ``interrupted=True``. ``on_step(step, loss)`` is called
-    after every optimizer step (for logging, or plotting as training goes). ``extra_state`` is stored in every
-    checkpoint's ``train_state`` (a recipe keeps its own bookkeeping there).
+    continues from its step with its weights and optimizer state. Ctrl-C or SIGTERM saves a resumable checkpoint
+    (when ``cfg.checkpoint_path`` is set) and returns with ``interrupted=True``. A non-finite loss, gradient or
+    weight raises :class:`~gptlib.errors.TrainingDiverged` naming the step; progress saved before it is kept.
+    ``on_step(step, loss)`` is called after every optimizer step (for logging, or plotting as training goes).
+    ``extra_state`` is stored in every checkpoint's ``train_state`` (a recipe keeps its own bookkeeping there).
     """
     cfg = cfg or TrainConfig()
     device = pick_device(cfg.device)
@@ -193,6 +227,9 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
         nonlocal best, bad_evals, best_state
         train_loss = evaluate_loss(forward_model, train_loader, cfg.eval_batches, device)
         val_loss = evaluate_loss(forward_model, val_loader, cfg.eval_batches, device) if val_loader else None
+        for name, loss in (("the training-set loss", train_loss), ("the validation loss", val_loss)):
+            if loss is not None and not math.isfinite(loss):
+                raise _diverged(step, f"{name} after the step ({loss})", cfg)
         for key, value in zip(history, (step, tokens_seen, train_loss, val_loss,
                                         learning_rate(min(step, total_steps - 1), total_steps, cfg))):
             history[key].append(value)
@@ -206,6 +243,7 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
 
     def save(step: int) -> None:
         if cfg.checkpoint_path:
+            _check_weights(model, step, cfg)  # never replace a good save with a diverged model
             save_checkpoint(cfg.checkpoint_path, model, optimizer, {
                 "step": step, "total_steps": total_steps, "tokens": tokens_seen, "best_val_loss": best,
                 "bad_evals": bad_evals, "history": history, "train_config": _plain(asdict(cfg)),
@@ -214,6 +252,7 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
     step = start_step
     bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, desc=f"training ({precision})", unit="step")
     model.train()
+    restore_sigterm = _sigterm_as_ctrl_c()
     try:
         if start_step == 0 and not history["step"]:
             evaluate(0)
@@ -233,8 +272,11 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 tokens_seen += n_tokens
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # the norm is needed anyway, to stop at a non-finite gradient (max_norm inf leaves gradients as they are)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+                what = f"the loss ({step_loss})" if not math.isfinite(step_loss) else "the gradient"
+                raise _diverged(step + 1, what, cfg)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -259,6 +301,7 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
         optimizer.zero_grad(set_to_none=True)  # drop a half-accumulated step; the saved state is the last full one
     finally:
         bar.close()
+        restore_sigterm()
     if result.stopped_early and best_state is not None:
         model.load_state_dict(best_state)
     save(step)

@@ -37,7 +37,7 @@ prep = _load_script()
 def run_script(*args, env=None):
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600,
+        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=1800,
     )
 
 
