@@ -123,3 +123,14 @@ def is_degenerate(text: str, n: int = 3, times: int = 3) -> bool:
         if counts[gram] >= times:
             return True
     return False
+
+
+def response_bits_per_character(model: GPTModel, examples, batch_size: int = 16) -> float:
+    """Bits per character of the reference responses given their prompts (the end-of-text counts as one
+    character): a response loss that compares across tokenizers."""
+    from .data import instruction_loader
+    loader = instruction_loader(list(examples), batch_size, model.config.context_length, shuffle=False,
+                                tokenizer=model.tokenizer)
+    labelled = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in loader)
+    characters = sum(len(e.response) + 1 for e in examples)
+    return evaluate_loss(model, loader) * labelled / math.log(2) / characters

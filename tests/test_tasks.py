@@ -200,3 +200,13 @@ def test_unknown_task_raises(call):
     message = str(err.value)
     assert "translate" in message
     assert "repeat" in message and "add" in message
+
+
+def test_unseen_words_never_appear_in_training_examples():
+    from gptlib.tasks import generate_examples, load_common_words, split_words
+    train_words, unseen = split_words(load_common_words(), unseen_share=0.1, seed=0)
+    assert len(unseen) == 75 and not set(train_words) & set(unseen)
+    assert split_words(load_common_words(), 0.1, seed=0) == (train_words, unseen)  # fixed
+    rows = generate_examples(200, seed=0, words=train_words)
+    used = {w.lower() for r in rows for w in r["input"].split()}
+    assert used and not used & set(unseen)
