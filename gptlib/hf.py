@@ -24,7 +24,7 @@ from .config import GPTConfig
 from .files import usual_permissions
 from .errors import UserInputError
 from .model import GPTModel
-from .tokenizer import END_OF_TEXT, EOT_ID, GPT2, BPETokenizer, Tokenizer, bpe_ranks
+from .tokenizer import END_OF_TEXT, EOT_ID, GPT2, BPETokenizer, Tokenizer, bpe_ranks, bytes_to_unicode
 
 INSTALL_HINT = "this needs Hugging Face transformers: pip install 'gptlib[hf]'"
 
@@ -279,20 +279,6 @@ def write_bpe_tokenizer_files(tokenizer: BPETokenizer, folder, model_max_length:
 
 
 # ---------------------------------------------------------------- the tokenizer, in HF's files
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: vocab.json and merges.txt spell every byte with one of these."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
 
 @lru_cache(maxsize=1)
 def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -169,21 +169,25 @@ class BPETokenizer:
         return f"BPETokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: byte-level BPE spells every byte with one of these characters
+    (in GPT-2's vocab.json and merges.txt, and in a ``tokenizers`` ByteLevel vocabulary)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE writes each byte as a printable character (GPT-2's table); this maps them back."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    assert sorted(chars.values()) == sorted(ByteLevel.alphabet())  # the same table tokenizers uses
-    return {ch: byte for byte, ch in chars.items()}
+    """The inverse table: a byte-level token's characters back to its bytes."""
+    return {ch: byte for byte, ch in bytes_to_unicode().items()}
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, name: str | None = None) -> BPETokenizer:

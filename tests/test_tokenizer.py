@@ -99,3 +99,11 @@ def test_a_fitted_vocabulary_needs_few_more_tokens_than_gpt2():
     text = SARCASM.read_text(encoding="utf-8")
     small = train_bpe([text], vocab_size=2048)
     assert len(small.encode(text)) < 1.3 * len(GPT2.encode(text))  # 25x fewer entries, close in length
+
+
+def test_the_byte_table_is_the_one_tokenizers_uses():
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from gptlib.tokenizer import bytes_to_unicode
+    table = bytes_to_unicode()
+    assert len(table) == 256 and sorted(table.values()) == sorted(ByteLevel.alphabet())
