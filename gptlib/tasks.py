@@ -65,6 +65,7 @@ ADD_MIN, ADD_MAX = 0, 99
 
 MIN_WORDS_IN_LIST = 500
 _WORD_RE = re.compile(r"[a-z]+")
+_WHOLE_WORD_RE = re.compile(r"(?<![A-Za-z'])[a-z]+(?![A-Za-z'])")
 _ADD_RE = re.compile(r"What is (\d+) plus (\d+)\?")
 
 
@@ -148,6 +149,32 @@ def split_words(words: list[str], unseen_share: float = 0.1, seed: int = 0) -> t
     random.Random(seed).shuffle(shuffled)
     n_unseen = round(len(shuffled) * unseen_share)
     return sorted(shuffled[n_unseen:]), sorted(shuffled[:n_unseen])
+
+
+def corpus_words(text: str, min_count: int = 10, exclude: Iterable[str] = ()) -> list[str]:
+    """Lower-case words (2-10 letters) that occur at least ``min_count`` times as whole words in ``text``, sorted,
+    leaving out ``exclude``.
+
+    The plays hold about 4,000 such words. Training examples drawn from them as well as from the common-word list
+    give a model too many words to memorise answers for, so it has to learn the rule; leave the held-out words of
+    :func:`split_words` out, so they stay unseen.
+    """
+    counts: dict[str, int] = {}
+    for word in _WHOLE_WORD_RE.findall(text):
+        counts[word] = counts.get(word, 0) + 1
+    excluded = set(exclude)
+    return sorted(w for w, n in counts.items() if n >= min_count and 2 <= len(w) <= 10 and w not in excluded)
+
+
+def template_text(repeats: int = 1000) -> str:
+    """The prompt template around every task's instruction, ``repeats`` times over, with no task words in it.
+
+    Part of the text the workbook's tokenizer is trained on: with it, the template's fixed words become a few
+    tokens, while the task words still split as they do in the plays (seen and unseen words alike).
+    """
+    from .instructions import format_prompt
+    prompts = [format_prompt(INSTRUCTIONS[task].format(a=12, b=34), "...") for task in TASKS]
+    return "\n\n".join(prompts * repeats)
 
 
 def generate_examples(n_per_task: int, seed: int = 0, tasks: Iterable[str] = TASKS,

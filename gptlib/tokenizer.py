@@ -190,17 +190,22 @@ def _byte_decoder() -> dict[str, int]:
     return {ch: byte for byte, ch in bytes_to_unicode().items()}
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, name: str | None = None) -> BPETokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, name: str | None = None,
+              split_digits: bool = False) -> BPETokenizer:
     """Fit a byte-level BPE with ``vocab_size`` entries (256 bytes, ``<|endoftext|>`` and learned merges).
 
     Words are split before merging exactly as GPT-2 does (the same pattern), so a space stays attached to
-    the word after it and prompt and response tokenise the same apart as together.
+    the word after it and prompt and response tokenise the same apart as together. ``split_digits`` also cuts
+    every number into single digits first (as Llama and PaLM do), so "57" and "571" share their digit tokens
+    and a model can learn arithmetic digit by digit instead of memorising a token per number.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     if vocab_size < 257 + 1:
         raise ValueError(f"vocab_size must be at least 258 (256 bytes, <|endoftext|> and one merge), got {vocab_size}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=[END_OF_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -129,3 +129,17 @@ def test_an_embedding_smaller_than_the_tokenizer_is_an_error(form, tmp_path, cap
 def test_a_model_refuses_a_tokenizer_larger_than_its_embedding():
     with pytest.raises(ValueError, match="only 300 rows"):
         GPTModel(tiny_config(vocab_size=300), tokenizer=GPT2)
+
+
+def test_export_keeps_a_digit_splitting_tokenizer(tmp_path):
+    """The workbook's tokenizer cuts numbers into digits: transformers must load that pre-tokenizer too."""
+    transformers = pytest.importorskip("transformers")
+    text = SARCASM.read_text(encoding="utf-8") + "\n".join(f"What is {a} plus 12? {a + 12}" for a in range(200))
+    tokenizer = train_bpe([text], vocab_size=500, split_digits=True)
+    model = GPTModel(tiny_config(vocab_size=500), tokenizer=tokenizer)
+    save_checkpoint(tmp_path / "m.pth", model)
+    assert main(["export", "--checkpoint", str(tmp_path / "m.pth"), "--to-hf", str(tmp_path / "hf")]) == 0
+    sample = "What is 57 plus 168?\n\n### Response:\n225 ÿ€<|endoftext|>"
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert hf_tokenizer(sample)["input_ids"] == tokenizer.encode(sample)
+    assert [tokenizer.decode([i]) for i in tokenizer.encode("225")] == ["2", "2", "5"]

@@ -210,3 +210,21 @@ def test_unseen_words_never_appear_in_training_examples():
     rows = generate_examples(200, seed=0, words=train_words)
     used = {w.lower() for r in rows for w in r["input"].split()}
     assert used and not used & set(unseen)
+
+
+def test_corpus_words_counts_whole_lower_case_words():
+    text = "The king, the KING and the king's men. " * 3 + "men men thee a " * 10 + "rarely"
+    from gptlib.tasks import corpus_words
+    assert corpus_words(text, min_count=3) == ["and", "king", "men", "the", "thee"]  # "a": too short; "king's": no
+    assert corpus_words(text, min_count=3, exclude=["men"]) == ["and", "king", "the", "thee"]
+    assert corpus_words(text, min_count=13) == ["men"]
+
+
+def test_template_text_holds_every_instruction_and_no_task_words():
+    from gptlib.instructions import format_prompt
+    from gptlib.tasks import template_text
+    text = template_text(repeats=2)
+    for task, wording in INSTRUCTIONS.items():
+        assert text.count(format_prompt(wording.format(a=12, b=34), "...")) == 2
+    assert "### Input:\n...\n\n### Response:\n" in text
+    assert not any(f" {w} " in text for w in ("apple", "river", "cold"))

@@ -107,3 +107,24 @@ def test_the_byte_table_is_the_one_tokenizers_uses():
     from gptlib.tokenizer import bytes_to_unicode
     table = bytes_to_unicode()
     assert len(table) == 256 and sorted(table.values()) == sorted(ByteLevel.alphabet())
+
+
+@pytest.fixture(scope="module")
+def digit_bpe():
+    text = SARCASM.read_text(encoding="utf-8") + "\n".join(f"What is {a} plus {a + 7}? {2 * a + 7}" for a in range(300))
+    return train_bpe([text], vocab_size=600, split_digits=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_split_digits_bpe_round_trips_any_unicode(seed, digit_bpe):
+    text = random_unicode(seed) + " 0123456789 ٣٤ 12.5"
+    ids = digit_bpe.encode(text)
+    assert digit_bpe.decode(ids) == text
+    assert b"".join(digit_bpe.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+def test_split_digits_gives_one_token_per_digit(digit_bpe):
+    pieces = [digit_bpe.decode([i]) for i in digit_bpe.encode("What is 57 plus 168? 225")]
+    assert pieces[-3:] == ["2", "2", "5"] and "5" in pieces and "168" not in pieces and " 57" not in pieces
+    plain = train_bpe([SARCASM.read_text(encoding="utf-8") + "\n".join(f"{a} {a}" for a in range(300))], vocab_size=600)
+    assert len(plain.encode(" 225 168")) < len(digit_bpe.encode(" 225 168"))  # without it, numbers merge
