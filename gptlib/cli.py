@@ -201,6 +201,8 @@ def build_parser() -> Parser:
                    help=".txt files, or .jsonl files (their string fields are used)")
     p.add_argument("--vocab-size", type=positive_int, required=True, metavar="N", help="entries in all (>= 258)")
     p.add_argument("--min-frequency", type=positive_int, default=2, help="merge only pairs seen this often (2)")
+    p.add_argument("--split-digits", action="store_true",
+                   help="cut numbers into single digits before merging (the workbook's tokenizer does)")
     p.add_argument("--out", type=Path, required=True, help="the tokenizer.json to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -414,7 +416,7 @@ def cmd_tokenizer(args) -> int:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
     tokenizer = train_bpe((t for docs in texts.values() for t in docs), args.vocab_size,
-                          min_frequency=args.min_frequency)
+                          min_frequency=args.min_frequency, split_digits=args.split_digits)
     for path, docs in texts.items():
         chars = sum(len(t) for t in docs)
         tokens = sum(len(tokenizer.encode(t)) for t in docs)

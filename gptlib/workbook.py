@@ -76,7 +76,7 @@ def train_precision() -> str:
 
     Measured on this workbook's 1.3M-parameter model on a CPU with native bf16 (AVX-512 BF16): bf16 autocast made
     each training step 1.9x *slower* (notebook 04: 375 s vs 206 s), because its conversions cost more than its
-    smaller matrix products save at this size. fp32 also gives every CPU the same numbers.
+    smaller matrix products save at this size; and fp32 runs the same work on CPUs with and without native bf16.
     """
     from .device import pick_device
     return "fp32" if pick_device().type == "cpu" else "auto"

@@ -143,3 +143,14 @@ def test_export_keeps_a_digit_splitting_tokenizer(tmp_path):
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     assert hf_tokenizer(sample)["input_ids"] == tokenizer.encode(sample)
     assert [tokenizer.decode([i]) for i in tokenizer.encode("225")] == ["2", "2", "5"]
+
+
+def test_tokenizer_command_can_split_digits(tmp_path):
+    from gptlib import BPETokenizer
+    text = tmp_path / "sums.txt"
+    text.write_text("\n".join(f"What is {a} plus {a}? {2 * a}" for a in range(500)), encoding="utf-8")
+    for flag, name in (([], "plain.json"), (["--split-digits"], "digits.json")):
+        assert main(["tokenizer", "--data", str(text), "--vocab-size", "300", "--out", str(tmp_path / name), *flag]) == 0
+    plain, digits = BPETokenizer.load(tmp_path / "plain.json"), BPETokenizer.load(tmp_path / "digits.json")
+    assert [digits.decode([i]) for i in digits.encode(" 468")] == [" ", "4", "6", "8"]
+    assert len(plain.encode(" 468")) < 4  # without the flag, frequent digit pairs merge
