@@ -58,6 +58,11 @@ def show_versions() -> None:
     print(f"device: {pick_device()} | threads: {torch.get_num_threads()} | mode: {'FAST (tests)' if FAST else 'full'}")
 
 
+def training_plays() -> str:
+    """The text of ``dataset/pretraining/shakespeare_train.txt`` (made by ``make data``)."""
+    return (project_root() / "dataset/pretraining/shakespeare_train.txt").read_text(encoding="utf-8")
+
+
 def workbook_tokenizer(vocab_size: int = WORKBOOK_VOCAB_SIZE):
     """The workbook's BPE (about 2 seconds; the same text and size always give the same tokenizer).
 
@@ -67,7 +72,7 @@ def workbook_tokenizer(vocab_size: int = WORKBOOK_VOCAB_SIZE):
     """
     from .tasks import template_text
     from .tokenizer import train_bpe
-    text = (project_root() / "dataset/pretraining/shakespeare_train.txt").read_text(encoding="utf-8")
+    text = training_plays()
     return train_bpe([text, template_text()], vocab_size, name=f"workbook-bpe-{vocab_size}", split_digits=True)
 
 
@@ -107,7 +112,7 @@ def load_or_make_pretrained(name: str = "pretrained.pth", quick_steps: int = 150
     steps = pick(quick_steps, 5)
     print(f"no {path} yet (notebook 04 makes it): pretraining a quick stand-in for {steps} steps instead")
     set_seed(123)
-    text = (project_root() / "dataset/pretraining/shakespeare_train.txt").read_text(encoding="utf-8")
+    text = training_plays()
     tokenizer = workbook_tokenizer()
     model = GPTModel(preset("tiny", vocab_size=tokenizer.vocab_size), tokenizer=tokenizer)
     loader = window_loader(tokenizer.encode(text[: 2_000_000]), model.config.context_length, batch_size=8)
