@@ -8,6 +8,8 @@ alternating gptlib and HF (A/B, B/A, ...) over ``--repeats`` and reporting media
   (a) a fine-tuning step (forward, backward, clip, AdamW) on real sarcasm batches: supervised tokens/s;
   (b) a pretraining step on full windows: tokens/s, and FLOP/s as a share of a matmul peak measured here;
   (c) greedy generation, batch 1: tokens/s against HF ``generate`` and against the loop with no cache;
+  (e) batched greedy generation, 16 and 64 prompts of mixed lengths (left-padded): new tokens/s against HF
+      ``generate`` on the same padded batch, and against gptlib answering the 64 prompts one at a time;
   (d) peak memory of one step of (a) and (b), each in a fresh subprocess (see ``measure_memory``).
 (a), (b) and (d) are run for each side's default precision (gptlib's precision="auto" is bf16 mixed precision on a
 CPU with AVX-512 BF16 or AMX; HF trains in fp32 unless told otherwise), then for both in fp32 and both under bf16
@@ -31,7 +33,7 @@ import torch
 
 from gptlib import preset
 from gptlib.data import instruction_loader, padding_share, window_loader
-from gptlib.generate import generate
+from gptlib.generate import generate, generate_batch
 from gptlib.hf import hf_config, to_hf
 from gptlib.instructions import load_jsonl, split_examples
 from gptlib.model import IGNORE_INDEX, GPTModel
@@ -59,6 +61,26 @@ def hf_greedy(hf, prompt, n):
     out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
                       use_cache=True, pad_token_id=50256, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     return out[0, len(prompt):].tolist()
+
+
+def hf_greedy_batch(hf, prompts, n):
+    """HF ``generate`` on a left-padded batch (its documented way for decoder-only models)."""
+    hf.generation_config.eos_token_id = None
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[50256] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, use_cache=True,
+                      pad_token_id=50256)
+    return out[:, width:].tolist()
+
+
+def mixed_prompts(n: int, longest: int) -> list[list[int]]:
+    """``n`` prompts of 8 to ``longest`` tokens from the plays, lengths spread evenly (fixed seed)."""
+    ids = encode(PRETRAIN.read_text(encoding="utf-8")[:20_000])
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, max(9, min(longest, 96)), (n,), generator=g).tolist()
+    starts = torch.randint(0, len(ids) - 100, (n,), generator=g).tolist()
+    return [ids[s:s + k] for s, k in zip(starts, lengths)]
 
 
 def check_agreement(ours, hf, prompt) -> dict:
@@ -336,6 +358,23 @@ def main(argv=None) -> int:
     print(f"greedy generation: identical first {same[0]}/{n_gen} tokens with HF, {same[1]}/{n_gen} with no cache")
     rows.append((f"greedy generation {n_gen} tokens, tokens/s", n_gen / med(ta), n_gen / med(tb)))
     rows.append(("  gptlib cached vs gptlib no-cache loop", n_gen / med(ta), n_gen / med(tn)))
+
+    # (e) batched greedy generation: prompts of mixed lengths, left-padded on both sides
+    n_batch_gen = 8 if args.quick else 32
+    for rows_in_batch in ((4,) if args.quick else (16, 64)):
+        prompts = mixed_prompts(rows_in_batch, cfg.context_length - n_batch_gen)
+        ta, tb = ab(lambda: outs.__setitem__("a", generate_batch(ours, prompts, n_batch_gen, eos_id=None)),
+                    lambda: outs.__setitem__("b", hf_greedy_batch(hf, prompts, n_batch_gen)), args.repeats)
+        agree_rows = sum(x == y for x, y in zip(outs["a"], outs["b"]))
+        print(f"batched generation, {rows_in_batch} prompts: {agree_rows}/{rows_in_batch} rows identical with HF")
+        n_new = rows_in_batch * n_batch_gen
+        rows.append((f"batched greedy generation, {rows_in_batch} prompts x {n_batch_gen} tokens, tokens/s",
+                     n_new / med(ta), n_new / med(tb)))
+        if rows_in_batch == (4 if args.quick else 64):
+            tl = [timed(lambda: [generate(ours, p, n_batch_gen, eos_id=None) for p in prompts])
+                  for _ in range(max(1, min(3, args.repeats)))]
+            rows.append((f"  gptlib batch of {rows_in_batch} vs gptlib one prompt at a time", n_new / med(ta),
+                         n_new / med(tl)))
 
     # a busy neighbour can depress one peak measurement: keep the better of the two, and rescale the shares
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):

@@ -177,9 +177,13 @@ def build_parser() -> Parser:
                    help="use the whole file (default) or one part of the 85/10/5 split")
     p.add_argument("--seed", type=int, default=123, help="the split's seed (123, as finetune)")
     p.add_argument("--limit", type=positive_int, help="score at most this many examples")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="examples per batch, for the loss and for the answers, which are generated that many at a "
+                        "time (the same greedy answers as one at a time, several times faster); 64 by default")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the scores as JSON (with a per-task breakdown, by_task, when the data has a 'task' "
+                        "field)")
     p.add_argument("--predictions", type=Path, help="write every answer with its scores to this JSONL file")
     p.add_argument("--overwrite", action="store_true", help="replace the --predictions file if it exists")
     p.add_argument("--device", default="auto")
@@ -341,9 +345,12 @@ def cmd_eval(args) -> int:
         loss = evaluate_loss(model, loader)
     except ValueError as exc:
         raise UserInputError(f"{args.data}: {exc} (are the examples longer than the context?)") from None
-    scores = score_answers(model, examples, args.max_new_tokens, progress=not args.quiet)
+    scores = score_answers(model, examples, args.max_new_tokens, progress=not args.quiet,
+                           batch_size=args.batch_size)
     result = {"examples": len(examples), "response_loss": loss, "perplexity": perplexity(loss),
               "exact_match": scores["exact_match"], "rouge_l": scores["rouge_l"]}
+    if "by_task" in scores:
+        result["by_task"] = scores["by_task"]
     if args.predictions is not None:
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scores["predictions"])
         atomic_write(args.predictions, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
@@ -353,6 +360,8 @@ def cmd_eval(args) -> int:
         print(f"examples:      {result['examples']}\nresponse loss: {loss:.4f}\nperplexity:    "
               f"{result['perplexity']:.2f}\nexact match:   {result['exact_match']:.1%}\nROUGE-L:       "
               f"{result['rouge_l']:.3f}")
+        for task, row in result.get("by_task", {}).items():
+            print(f"  {task:<12} {row['exact_match']:6.1%} exact match over {row['examples']} examples")
     return 0
 
 

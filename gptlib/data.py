@@ -7,6 +7,7 @@ Every batch is a dict of tensors ``input_ids``, ``labels`` and ``attention_mask`
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -214,6 +215,54 @@ def window_loader(token_ids, length: int, batch_size: int, stride: int | None = 
     dataset = TokenWindows(token_ids, length, stride)
     sampler = EpochShuffledBatches(len(dataset), batch_size, seed=seed, shuffle=shuffle)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_windows)
+
+
+class ReplayLoader:
+    """Fine-tuning batches that each carry a few windows of pretraining text as well (see :func:`with_replay`).
+
+    Iterates like ``loader`` (same length, same ``set_epoch``), adding to every batch ``replay_input_ids``,
+    ``replay_labels`` and ``replay_weight`` from ``replay``. The replay windows of epoch ``e`` depend only on
+    ``e`` and the batch's position, so a resumed run sees the same windows as an uninterrupted one.
+    """
+
+    def __init__(self, loader: DataLoader, replay: DataLoader, weight: float = 1.0):
+        if len(replay) == 0:
+            raise DataError("the replay text gave no windows: use more text or a shorter context length")
+        self.loader, self.replay, self.weight = loader, replay, float(weight)
+        self.batch_sampler = self  # train() calls set_epoch through here
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.loader.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _replay_batches(self):
+        for cycle in itertools.count():  # a different order each time the replay text runs out
+            self.replay.batch_sampler.set_epoch(self.epoch * 1_000_003 + cycle)
+            yield from self.replay
+
+    def __iter__(self):
+        weight = torch.tensor(self.weight)
+        for batch, extra in zip(self.loader, self._replay_batches()):
+            yield {**batch, "replay_input_ids": extra["input_ids"], "replay_labels": extra["labels"],
+                   "replay_weight": weight}
+
+
+def with_replay(loader: DataLoader, token_ids, length: int, windows_per_batch: int = 1, weight: float = 1.0,
+                seed: int = 123) -> ReplayLoader:
+    """Mix pretraining text into fine-tuning: every batch of ``loader`` also trains on ``windows_per_batch``
+    windows of ``length`` tokens from ``token_ids``, their loss weighted by ``weight``.
+
+    Why: with tied embeddings, a token that never appears in any fine-tuning answer only ever gets the push
+    "not this one" from the softmax, and AdamW turns even a tiny push, repeated at every step, into full-size
+    updates: in notebook 05 every such row drifted to (nearly) the same vector, so the model could not tell those
+    words apart or copy them. A little pretraining text keeps every token in its pretrained place.
+    """
+    replay = window_loader(token_ids, length, windows_per_batch, shuffle=True, seed=seed)
+    return ReplayLoader(loader, replay, weight)
 
 
 def padding_share(loader: DataLoader) -> float:

@@ -137,6 +137,107 @@ def stream(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: Sam
         model.train(was_training)
 
 
+def _penalize_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """:func:`apply_repetition_penalty` for a batch: ``seen`` is a (rows, vocab) boolean mask of the tokens so far."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def next_tokens(logits: torch.Tensor, settings: SamplingSettings, seen: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choose one token per row from (rows, vocab) logits: :func:`next_token` for a batch."""
+    logits = _penalize_seen(logits.float(), seen, settings.repetition_penalty)
+    if settings.temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = logits / settings.temperature
+    if settings.top_k is not None:
+        logits = filter_top_k(logits, settings.top_k)
+    if settings.top_p is not None:
+        logits = filter_top_p(logits, settings.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate_batch(model: GPTModel, prompts, max_new_tokens: int = 100, settings: SamplingSettings | None = None,
+                   eos_id: int | None | str = "auto", seed: int | None = None) -> list[list[int]]:
+    """New token ids for many prompts at once: one list per prompt, in order, each ending before ``eos_id``.
+
+    The prompts are left-padded to one length, so every row's next token sits in the last column; the attention
+    mask keeps padding out of attention and gives each row its own positions. One KV cache serves the batch, and a
+    row leaves the batch when it reaches end-of-text, so finished rows cost nothing. One forward pass then
+    computes a token for every row: matrix products where one prompt at a time does matrix-vector products.
+    Greedy answers equal :func:`generate` on each prompt alone (up to float rounding in near-ties).
+    """
+    settings = settings or SamplingSettings()
+    if eos_id == "auto":
+        eos_id = model.tokenizer.eot_id if model.has_tokenizer else None
+    context_length, device = model.config.context_length, model.device
+    rows = []
+    for i, prompt in enumerate(prompts):
+        ids = torch.as_tensor(list(prompt), dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        check_token_ids(ids, model.config.vocab_size, f"prompt {i}")
+        rows.append(ids.tolist())
+    results: list[list[int]] = [[] for _ in rows]
+    if not rows or max_new_tokens <= 0:
+        return results
+    check_generation_fits(max_new_tokens * len(rows), sum(len(r) for r in rows))
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        active = list(range(len(rows)))  # which prompts are still in the batch, in batch order
+        tokens = [row[-context_length:] for row in rows]  # each active row's real tokens (the last context's worth)
+        seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)
+        for i, row in enumerate(rows):
+            seen[i, row] = True
+        logits, mask, cache = _prefill(model, tokens)
+        for step in range(max_new_tokens):
+            chosen = next_tokens(logits, settings, seen, generator).tolist()
+            keep = []
+            for r, token in enumerate(chosen):
+                if eos_id is not None and token == eos_id:
+                    continue
+                results[active[r]].append(token)
+                tokens[r].append(token)
+                seen[r, token] = True
+                keep.append(r)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch
+                index = torch.tensor(keep, device=device)
+                active, tokens = [active[r] for r in keep], [tokens[r] for r in keep]
+                seen, mask = seen[index], mask[index]
+                cache.keep_rows(index)
+                chosen = [chosen[r] for r in keep]
+            if cache.length >= context_length:  # the context is full: recompute over each row's last window
+                tokens = [row[-context_length:] for row in tokens]
+                logits, mask, cache = _prefill(model, tokens)
+                continue
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            new = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
+            logits = model(new, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _prefill(model: GPTModel, tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+    """Left-pad ``tokens`` into one batch and run it through a fresh KV cache: (last logits, mask, cache)."""
+    longest, device = max(len(row) for row in tokens), model.device
+    ids = torch.zeros(len(tokens), longest, dtype=torch.long, device=device)
+    mask = torch.zeros(len(tokens), longest, dtype=torch.long, device=device)
+    for i, row in enumerate(tokens):
+        ids[i, longest - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, longest - len(row):] = 1
+    cache = KVCache(model.config, len(tokens), device=device, dtype=model.tok_emb.weight.dtype)
+    logits = model(ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+    return logits, mask, cache
+
+
 def generate(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: SamplingSettings | None = None,
              eos_id: int | None | str = "auto", use_cache: bool = True, seed: int | None = None) -> list[int]:
     """The new token ids (without the prompt), as a list."""
@@ -157,3 +258,24 @@ def answer_instruction(model: GPTModel, instruction: str, input: str = "", max_n
                        **sampling) -> str:
     """Wrap an instruction in the prompt template and return the model's response, stripped."""
     return generate_text(model, format_prompt(instruction, input), max_new_tokens, **sampling).strip()
+
+
+def answer_instructions(model: GPTModel, pairs, max_new_tokens: int = 100, batch_size: int = 64,
+                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                        repetition_penalty: float = 1.0, seed: int | None = None) -> list[str]:
+    """:func:`answer_instruction` for many ``(instruction, input)`` pairs, ``batch_size`` at a time: the answers,
+    stripped, in order. Prompts of similar length share a batch (less padding); greedy answers are the same."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
+    tokenizer = model.tokenizer
+    prompts = [tokenizer.encode(format_prompt(instruction, input)) for instruction, input in pairs]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch_seed = None if seed is None else seed + start
+        outputs = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, settings, seed=batch_seed)
+        for i, ids in zip(chunk, outputs):
+            answers[i] = tokenizer.decode(ids).strip()
+    return answers

@@ -33,6 +33,7 @@ class Example:
     input: str
     response: str
     line: int = 0  # line number in the source file (1-based), for error messages
+    task: str = ""  # an optional "task" field (such as the skills tasks): eval then scores each task too
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -71,7 +72,11 @@ def parse_record(record, line: int = 0) -> Example:
         if required and not value.strip():
             raise DataError(f"{where}field '{key}' is empty")
         values[key] = value
-    return Example(values[instruction_key], values[input_key] if input_key else "", values[response_key], line)
+    task = record.get("task", "")
+    if not isinstance(task, str):
+        raise DataError(f"{where}field 'task' must be a string, got a JSON {_json_type(task)}")
+    return Example(values[instruction_key], values[input_key] if input_key else "", values[response_key], line,
+                   task)
 
 
 def read_jsonl(path) -> tuple[list[Example], list[str]]:

@@ -53,6 +53,10 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a batch generation drops the rows that have finished)."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
     """``out = a @ b``, or ``out += a @ b``, with no temporary when the dtypes match (fp32 out, bf16 a and b)."""

@@ -120,10 +120,19 @@ def make_optimizer(model: GPTModel, cfg: TrainConfig, state: dict | None = None)
 
 
 def batch_loss(model: GPTModel, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Mean loss of one batch on ``device``, and how many tokens had a label."""
+    """Mean loss of one batch on ``device``, and how many tokens had a label.
+
+    A batch from :func:`~gptlib.data.with_replay` also holds ``replay_*`` windows of plain text: their mean loss,
+    times ``replay_weight``, is added (a second forward pass, so neither part is padded to the other's length).
+    """
     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     loss = model.loss(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
-    return loss, int((batch["labels"] != IGNORE_INDEX).sum())
+    n_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+    if "replay_input_ids" in batch:
+        replay = model.loss(batch["replay_input_ids"], batch["replay_labels"])
+        loss = loss + batch["replay_weight"] * replay
+        n_tokens += int((batch["replay_labels"] != IGNORE_INDEX).sum())
+    return loss, n_tokens
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:

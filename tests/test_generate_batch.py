@@ -1,0 +1,93 @@
+"""Batched generation: many prompts of different lengths at once give what each prompt gives alone."""
+import pytest
+import torch
+
+from gptlib import GPTModel, SamplingSettings, TrainConfig, generate, train, window_loader
+from gptlib.generate import answer_instruction, answer_instructions, generate_batch
+
+from conftest import tiny_config
+
+VOCAB = 300
+
+
+def _successor(token: int) -> int:
+    return (token * 7 + 3) % VOCAB
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> GPTModel:
+    """A tiny model trained until it follows a fixed token -> next-token rule: confident, far from ties."""
+    torch.manual_seed(0)
+    stream = []
+    for start in torch.randint(VOCAB, (800,)).tolist():  # short chains from random starts: every token is seen
+        token = start
+        for _ in range(8):
+            stream.append(token)
+            token = _successor(token)
+    model = GPTModel(tiny_config(vocab_size=VOCAB, context_length=32, emb_dim=64))
+    loader = window_loader(stream, 32, batch_size=16, shuffle=True, seed=1)
+    train(model, loader, cfg=TrainConfig(max_steps=400, lr=1e-2, eval_every=400, eval_batches=1, progress=False))
+    return model.eval()
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_the_fixture_model_learned_its_rule(trained_model):
+    out = generate(trained_model, [11], 5, eos_id=None)
+    assert out == [_successor(11), _successor(_successor(11)), *out[2:]]  # not a tie-breaking accident
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time_for_mixed_lengths(trained_model):
+    prompts = _prompts([1, 3, 7, 12, 2, 20, 5, 9])
+    alone = [generate(trained_model, p, 10, eos_id=None) for p in prompts]
+    assert generate_batch(trained_model, prompts, 10, eos_id=None) == alone
+    assert len({tuple(a) for a in alone}) > 4  # the rows really differ
+
+
+def test_rows_that_reach_end_of_text_early_stop_and_the_others_go_on(trained_model):
+    prompts = _prompts([4, 9, 2, 15, 6], seed=3)
+    eos = generate(trained_model, prompts[0], 10, eos_id=None)[2]  # row 0 ends after two tokens
+    alone = [generate(trained_model, p, 10, eos_id=eos) for p in prompts]
+    batched = generate_batch(trained_model, prompts, 10, eos_id=eos)
+    assert batched == alone
+    assert len(batched[0]) == 2 and max(len(b) for b in batched) == 10  # one row finished early, others ran on
+
+
+def test_batched_generation_past_the_context_length_matches(trained_model):
+    prompts = _prompts([25, 3, 30], seed=4)  # 32-token context: 20 new tokens slide past it
+    assert generate_batch(trained_model, prompts, 20, eos_id=None) == \
+        [generate(trained_model, p, 20, eos_id=None) for p in prompts]
+
+
+def test_batched_sampling_is_reproducible_with_a_seed(trained_model):
+    settings = SamplingSettings(temperature=1.5, top_k=20, top_p=0.95, repetition_penalty=1.2)
+    prompts = _prompts([3, 8, 1], seed=5)
+    a = generate_batch(trained_model, prompts, 12, settings, eos_id=None, seed=1)
+    assert a == generate_batch(trained_model, prompts, 12, settings, eos_id=None, seed=1)
+    assert a != generate_batch(trained_model, prompts, 12, settings, eos_id=None, seed=2)
+
+
+def test_repetition_penalty_in_a_batch_equals_alone(trained_model):
+    settings = SamplingSettings(repetition_penalty=1.5)
+    prompts = _prompts([6, 2, 11], seed=6)
+    assert generate_batch(trained_model, prompts, 12, settings, eos_id=None) == \
+        [generate(trained_model, p, 12, settings, eos_id=None) for p in prompts]
+
+
+def test_an_empty_prompt_is_refused_by_its_position(trained_model):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_batch(trained_model, [[1, 2], []], 3)
+
+
+def test_answer_instructions_equals_answer_instruction_in_order(trained_model):
+    from gptlib.tokenizer import train_bpe
+    tokenizer = train_bpe([" ".join(str(i) for i in range(3000)) + " Repeat the words. apple pear plum."],
+                          vocab_size=VOCAB)
+    assert tokenizer.vocab_size == VOCAB
+    trained_model.tokenizer = tokenizer
+    pairs = [("Repeat the words.", "apple pear"), ("Sort them.", ""), ("Repeat.", "plum plum plum apple")]
+    alone = [answer_instruction(trained_model, i, x, max_new_tokens=6) for i, x in pairs]
+    assert answer_instructions(trained_model, pairs, max_new_tokens=6, batch_size=2) == alone
