@@ -8,9 +8,9 @@ alternating gptlib and HF (A/B, B/A, ...) over ``--repeats`` and reporting media
   (a) a fine-tuning step (forward, backward, clip, AdamW) on real sarcasm batches: supervised tokens/s;
   (b) a pretraining step on full windows: tokens/s, and FLOP/s as a share of a matmul peak measured here;
   (c) greedy generation, batch 1: tokens/s against HF ``generate`` and against the loop with no cache;
+  (d) peak memory of one step of (a) and (b), each in a fresh subprocess (see ``measure_memory``);
   (e) batched greedy generation, 16 and 64 prompts of mixed lengths (left-padded): new tokens/s against HF
-      ``generate`` on the same padded batch, and against gptlib answering the 64 prompts one at a time;
-  (d) peak memory of one step of (a) and (b), each in a fresh subprocess (see ``measure_memory``).
+      ``generate`` on the same padded batch, and against gptlib answering the 64 prompts one at a time.
 (a), (b) and (d) are run for each side's default precision (gptlib's precision="auto" is bf16 mixed precision on a
 CPU with AVX-512 BF16 or AMX; HF trains in fp32 unless told otherwise), then for both in fp32 and both under bf16
 autocast, so that every ratio also has a same-precision twin. Generation is fp32 on both sides.
