@@ -274,6 +274,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--gen-tokens", type=int, default=200)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--generation-only", action="store_true",
+                        help="only the generation measures (c) and (e): no training steps, no memory")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -318,6 +320,8 @@ def main(argv=None) -> int:
     peaks = {"fp32": matmul_peak(), "bf16": matmul_peak(dtype=torch.bfloat16)}
     ours.train(), hf.train()
 
+    if args.generation_only:
+        races, args.no_memory = [], True
     # (a) fine-tuning
     batches = finetune_batches(cfg, args.batch_size, n_ft)
     hf_batches = [hf_finetune_batch(b, cfg.context_length) for b in batches]

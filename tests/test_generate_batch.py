@@ -24,8 +24,8 @@ def trained_model() -> GPTModel:
         for _ in range(8):
             stream.append(token)
             token = _successor(token)
-    model = GPTModel(tiny_config(vocab_size=VOCAB, context_length=32, emb_dim=64))
-    loader = window_loader(stream, 32, batch_size=16, shuffle=True, seed=1)
+    model = GPTModel(tiny_config(vocab_size=VOCAB, context_length=192, emb_dim=64))
+    loader = window_loader(stream, 64, batch_size=16, shuffle=True, seed=1)
     train(model, loader, cfg=TrainConfig(max_steps=400, lr=1e-2, eval_every=400, eval_batches=1, progress=False))
     return model.eval()
 
@@ -57,7 +57,7 @@ def test_rows_that_reach_end_of_text_early_stop_and_the_others_go_on(trained_mod
 
 
 def test_batched_generation_past_the_context_length_matches(trained_model):
-    prompts = _prompts([25, 3, 30], seed=4)  # 32-token context: 20 new tokens slide past it
+    prompts = _prompts([185, 3, 190], seed=4)  # 192-token context: 20 new tokens slide past it
     assert generate_batch(trained_model, prompts, 20, eos_id=None) == \
         [generate(trained_model, p, 20, eos_id=None) for p in prompts]
 
@@ -82,12 +82,49 @@ def test_an_empty_prompt_is_refused_by_its_position(trained_model):
         generate_batch(trained_model, [[1, 2], []], 3)
 
 
-def test_answer_instructions_equals_answer_instruction_in_order(trained_model):
+@pytest.fixture(scope="module")
+def model_with_tokenizer(trained_model):
     from gptlib.tokenizer import train_bpe
     tokenizer = train_bpe([" ".join(str(i) for i in range(3000)) + " Repeat the words. apple pear plum."],
                           vocab_size=VOCAB)
     assert tokenizer.vocab_size == VOCAB
     trained_model.tokenizer = tokenizer
+    return trained_model
+
+
+def test_answer_instructions_equals_answer_instruction_in_order(model_with_tokenizer):
     pairs = [("Repeat the words.", "apple pear"), ("Sort them.", ""), ("Repeat.", "plum plum plum apple")]
-    alone = [answer_instruction(trained_model, i, x, max_new_tokens=6) for i, x in pairs]
-    assert answer_instructions(trained_model, pairs, max_new_tokens=6, batch_size=2) == alone
+    alone = [answer_instruction(model_with_tokenizer, i, x, max_new_tokens=6) for i, x in pairs]
+    assert answer_instructions(model_with_tokenizer, pairs, max_new_tokens=6, batch_size=2) == alone
+
+
+def test_cli_eval_answers_in_batches_with_the_same_answers_and_scores_each_task(model_with_tokenizer, tmp_path):
+    import json
+
+    from gptlib import save_checkpoint
+    from gptlib.cli import main
+    from gptlib.tasks import generate_examples, write_jsonl
+
+    save_checkpoint(tmp_path / "m.pth", model_with_tokenizer)
+    write_jsonl(generate_examples(3, seed=0), tmp_path / "tasks.jsonl")  # 7 tasks x 3, each row with a "task"
+    predictions = {}
+    for batch_size in ("1", "64"):
+        out = tmp_path / f"pred{batch_size}.jsonl"
+        assert main(["eval", "--checkpoint", str(tmp_path / "m.pth"), "--data", str(tmp_path / "tasks.jsonl"),
+                     "--max-new-tokens", "8", "--batch-size", batch_size, "--quiet", "--predictions", str(out),
+                     "--json"]) == 0
+        predictions[batch_size] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["prediction"] for p in predictions["1"]] == [p["prediction"] for p in predictions["64"]]
+    assert len(predictions["64"]) == 21 and {p["task"] for p in predictions["64"]} == {
+        "repeat", "reverse", "capitals", "last_word", "count", "sort", "add"}
+
+
+def test_eval_json_breaks_the_score_down_by_task(model_with_tokenizer):
+    from gptlib import Example
+    from gptlib.evaluate import score_answers
+
+    examples = [Example("Repeat.", "a b", "a b", task="repeat"), Example("Count.", "a b", "2", task="count"),
+                Example("Count.", "a b c", "3", task="count")]
+    scores = score_answers(model_with_tokenizer, examples, max_new_tokens=4, batch_size=2)
+    assert scores["by_task"].keys() == {"repeat", "count"} and scores["by_task"]["count"]["examples"] == 2
+    assert [p["task"] for p in scores["predictions"]] == ["repeat", "count", "count"]
