@@ -184,6 +184,29 @@ def _sigterm_as_ctrl_c() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold Ctrl-C and SIGTERM until the block ends, then raise KeyboardInterrupt: the block runs whole or not at all.
+
+    The optimizer updates its parameter groups one after another; an interrupt between them, or between the update
+    and the step count, would save weights that match no step, and a resumed run would differ from an
+    uninterrupted one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | None = None,
           optimizer: torch.optim.Optimizer | None = None, resume: Checkpoint | None = None,
           on_step: Callable[[int, float], None] | None = None, extra_state: dict | None = None) -> TrainResult:
@@ -286,9 +309,10 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
             if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
                 what = f"the loss ({step_loss})" if not math.isfinite(step_loss) else "the gradient"
                 raise _diverged(step + 1, what, cfg)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            with _interrupts_held():  # a Ctrl-C here would leave some weights updated and the step uncounted
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
             result.step_losses.append(step_loss)
             bar.update(1)
             if on_step is not None:

@@ -89,3 +89,43 @@ def test_early_stopping_restores_the_best_weights():
     from gptlib import evaluate_loss
     val = evaluate_loss(model, window_loader(val_ids, 16, 4, shuffle=False), max_batches=20)
     assert val == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_ctrl_c_inside_an_optimizer_step_is_held_until_the_step_is_counted(tmp_path):
+    """Regression: an interrupt between the optimizer's parameter-group updates, or between the update and the
+    step count, saved weights that matched no step, so the resumed run differed from an uninterrupted one."""
+    import os
+    import signal
+
+    from gptlib.train import make_optimizer
+
+    text = " ".join(f"line {i} of a small corpus about cats and dogs." for i in range(60))
+    loader = window_loader(encode(text), length=16, batch_size=4, seed=5)
+
+    def run(name, resume=None, optimizer=None):
+        torch.manual_seed(0)
+        model = GPTModel(tiny_config())
+        cfg = TrainConfig(max_steps=10, lr=3e-3, eval_every=5, eval_batches=1,
+                          checkpoint_path=str(tmp_path / name), progress=False, device="cpu")
+        optimizer = optimizer(model, cfg) if optimizer else None
+        return model, train(model, loader, cfg=cfg, resume=resume, optimizer=optimizer)
+
+    def interrupting_optimizer(model, cfg):
+        optimizer = make_optimizer(model, cfg)
+        calls = []
+
+        def ctrl_c_inside_the_step(opt, args, kwargs):  # runs inside optimizer.step(), after the update
+            calls.append(1)
+            if len(calls) == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+        optimizer.register_step_post_hook(ctrl_c_inside_the_step)
+        return optimizer
+
+    full_model, _ = run("full.pth")
+    _, cut = run("cut.pth", optimizer=interrupting_optimizer)
+    assert cut.interrupted and cut.steps == 4  # the 4th step completed and was counted before stopping
+    assert read_checkpoint(tmp_path / "cut.pth").train_state["step"] == 4
+    resumed_model, resumed = run("cut.pth", resume=read_checkpoint(tmp_path / "cut.pth"))
+    assert resumed.steps == 10
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
