@@ -314,5 +314,6 @@ def test_interrupted_run_resumes_to_the_same_weights(workdir, uninterrupted, sig
     assert proc.returncode == 0, err
     resumed = _weights(out)
     for name, tensor in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+        diff = (resumed[name] - tensor).abs().max().item()
+        assert diff <= 1e-6, f"{name}: resumed from step {saved_step} (exit {proc.returncode}), max |diff| {diff:.3g}"
     assert not progress.exists()
