@@ -165,8 +165,9 @@ def generate_batch(model: GPTModel, prompts, max_new_tokens: int = 100, settings
     """New token ids for many prompts at once: one list per prompt, in order, each ending before ``eos_id``.
 
     The prompts are left-padded to one length, so every row's next token sits in the last column; the attention
-    mask keeps padding out of attention and gives each row its own positions. One KV cache serves the batch, and a
-    row leaves the batch when it reaches end-of-text, so finished rows cost nothing. One forward pass then
+    mask keeps padding out of attention and gives each row its own positions. One KV cache serves the batch. Rows
+    that reached end-of-text leave it once they are a quarter of the batch (dropping rows copies the cache, so not
+    one at a time: measured, that copying took a fifth of an evaluation's time). One forward pass then
     computes a token for every row: matrix products where one prompt at a time does matrix-vector products.
     Greedy answers equal :func:`generate` on each prompt alone (up to float rounding in near-ties).
     """
@@ -195,21 +196,25 @@ def generate_batch(model: GPTModel, prompts, max_new_tokens: int = 100, settings
         for i, row in enumerate(rows):
             seen[i, row] = True
         logits, mask, cache = _prefill(model, tokens)
+        done = [False] * len(active)  # finished rows still in the batch: their tokens are ignored
         for step in range(max_new_tokens):
-            chosen = next_tokens(logits, settings, seen, generator).tolist()
-            keep = []
+            chosen_ids = next_tokens(logits, settings, seen, generator)
+            seen[torch.arange(len(active), device=device), chosen_ids] = True
+            chosen = chosen_ids.tolist()
             for r, token in enumerate(chosen):
+                if done[r]:
+                    continue
                 if eos_id is not None and token == eos_id:
+                    done[r] = True
                     continue
                 results[active[r]].append(token)
                 tokens[r].append(token)
-                seen[r, token] = True
-                keep.append(r)
-            if not keep or step == max_new_tokens - 1:
+            if all(done) or step == max_new_tokens - 1:
                 break
-            if len(keep) < len(active):  # finished rows leave the batch
+            if sum(done) * 4 >= len(active):  # a quarter of the rows have finished: they leave the batch
+                keep = [r for r in range(len(active)) if not done[r]]
                 index = torch.tensor(keep, device=device)
-                active, tokens = [active[r] for r in keep], [tokens[r] for r in keep]
+                active, tokens, done = [active[r] for r in keep], [tokens[r] for r in keep], [False] * len(keep)
                 seen, mask = seen[index], mask[index]
                 cache.keep_rows(index)
                 chosen = [chosen[r] for r in keep]

@@ -40,8 +40,8 @@ class KVCache:
                  device=None, dtype=torch.float32):
         self.max_len = max_len or config.context_length
         shape = (config.n_layers, batch_size, config.n_heads, self.max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)  # only [..., :length, :] is ever read
+        self.values = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # tokens stored so far
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +54,13 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (a batch generation drops the rows that have finished)."""
-        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        """Keep only these batch rows (a batch generation drops the rows that have finished); copies only the
+        stored part."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], len(rows), *old.shape[2:]))
+            new[:, :, :, :self.length] = old[:, rows, :, :self.length]
+            setattr(self, name, new)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
