@@ -4,6 +4,7 @@ The public names below are all a notebook or script needs; each lives in a modul
 """
 
 from .checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint
+from .classify import GPTClassifier, load_classifier, predict_proba
 from .config import PRESETS, GPTConfig, preset
 from .data import (InstructionCollator, InstructionDataset, TokenWindows, instruction_loader, window_loader,
                    with_replay)

@@ -59,6 +59,7 @@ class Checkpoint:
     train_state: dict = field(default_factory=dict)
     source_format: str = FORMAT  # "gptlib", "llms-from-scratch" or "state_dict"
     tokenizer: Tokenizer = GPT2  # what the token ids mean
+    labels: list[str] | None = None  # a classifier's label names (see gptlib.classify); None for a language model
 
 
 # ---------------------------------------------------------------- saving
@@ -74,6 +75,8 @@ def save_checkpoint(path, model: GPTModel, optimizer: torch.optim.Optimizer | No
     }
     if model.has_tokenizer:
         payload["tokenizer"] = model.tokenizer.to_dict()
+    if getattr(model, "labels", None):  # a GPTClassifier: its outputs mean these labels, in this order
+        payload["labels"] = list(model.labels)
     if optimizer is not None:
         payload["optimizer_state_dict"] = optimizer.state_dict()
     if train_state:
@@ -83,16 +86,26 @@ def save_checkpoint(path, model: GPTModel, optimizer: torch.optim.Optimizer | No
 
 # ---------------------------------------------------------------- reading
 
-def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = None) -> Checkpoint:
+def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = None,
+                    allow_classifier: bool = False) -> Checkpoint:
     """Read any supported checkpoint form into a :class:`Checkpoint` with gptlib's names.
 
     ``n_heads`` is needed only when the file carries no config (the head count is not visible in the
     tensor shapes); ``drop_rate`` overrides the stored or default dropout (0.1, the seed guide's).
+    A classifier's file (one that stores label names) is refused unless ``allow_classifier``: it does not
+    generate text.
     """
     raw = _torch_load(path)
     if not isinstance(raw, dict) or not raw:
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a dict of tensors; "
                               "expected a model state_dict or a dict with 'model_state_dict'")
+    labels = raw.get("labels") if "model_state_dict" in raw else None
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise CheckpointError(f"{path}: its stored 'labels' are not a list of label names")
+        if not allow_classifier:
+            raise CheckpointError(f"{path}: is a classifier (labels {labels}), not a language model; use it with "
+                                  "`gptlib classify predict` or gptlib.classify.load_classifier")
     if "model_state_dict" in raw:
         state = raw["model_state_dict"]
         optimizer_state = raw.get("optimizer_state_dict")
@@ -146,7 +159,7 @@ def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = 
             f"{', assumed: the file stores none' if stored_tokenizer is None else ''}); ids above "
             f"{config.vocab_size - 1} would have no row. Use the checkpoint with the tokenizer it was trained "
             "with (save it with gptlib, which stores the tokenizer in the file)")
-    return Checkpoint(config, state, optimizer_state, dict(train_state), source_format, tokenizer)
+    return Checkpoint(config, state, optimizer_state, dict(train_state), source_format, tokenizer, labels)
 
 
 def infer_config(path, state: dict, n_heads: int | None, drop_rate: float = 0.1) -> GPTConfig:

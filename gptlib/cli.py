@@ -1,4 +1,4 @@
-"""The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate, export, tokenizer.
+"""The ``gptlib`` command line: pretrain, finetune, generate, chat, eval, validate, export, tokenizer, classify.
 
 Exit status: 0 on success, 2 on bad input (one ``error:`` line on stderr, nothing written), 1 on an internal
 failure, 130 when interrupted by Ctrl-C or SIGTERM (training saves its progress first).
@@ -31,6 +31,9 @@ EXAMPLES = {
     "tokenizer": "example:\n  gptlib tokenizer --data dataset/pretraining/shakespeare_train.txt --vocab-size 4096 "
                  "--out checkpoints/tokenizer.json\n  gptlib pretrain --data ... --tokenizer checkpoints/tokenizer.json "
                  "--out ...",
+    "classify": "examples:\n  gptlib classify train --checkpoint checkpoints/pretrained.pth \\\n"
+                "      --data dataset/sarcasm/sarcasm_instruction_pairs.jsonl --out checkpoints/sarcasm_classifier.pth\n"
+                "  gptlib classify predict --checkpoint checkpoints/sarcasm_classifier.pth --text \"Sure, leave it out overnight.\"",
     "export": "example:\n  gptlib export --checkpoint checkpoints/sarcasm.pth --to-hf checkpoints/sarcasm-hf\n"
               "then, in Python: transformers.pipeline(\"text-generation\", model=\"checkpoints/sarcasm-hf\")",
 }
@@ -209,6 +212,40 @@ def build_parser() -> Parser:
                    help="cut numbers into single digits before merging (the workbook's tokenizer does)")
     p.add_argument("--out", type=Path, required=True, help="the tokenizer.json to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    p = command("classify", "train a text classifier on a GPT checkpoint, or classify texts with one",
+                "Classification: a linear head on the hidden state of each text's last token. `classify train` reads "
+                "JSONL lines {\"text\", \"label\"} (an optional \"group\" keeps related texts in one split), or "
+                "the sarcasm pairs directly (each line's sincere and sarcastic answers become two texts), splits "
+                "85/10/5 by group, trains and reports test accuracy, precision, recall and F1. `classify predict` "
+                "prints the label and its probability for each text.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    q = actions.add_parser("train", help="train a classifier from a GPT checkpoint and labelled JSONL",
+                           description="Writes OUT (.pth, with the label names and tokenizer), OUT's .loss.png and "
+                                       ".metrics.json. Ctrl-C saves progress; --resume continues.",
+                           epilog=EXAMPLES["classify"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_checkpoint(q)
+    q.add_argument("--data", type=Path, required=True, help="JSONL: text/label lines, or sarcasm pairs")
+    q.add_argument("--out", type=Path, required=True, help="the classifier checkpoint to write (.pth)")
+    q.add_argument("--train", default="all", metavar="PART",
+                   help="what to train: 'head' (the GPT is frozen), N (the last N blocks and the head) or 'all' "
+                        "(default)")
+    _add_training(q, lr=5e-4, epochs=8, batch_size=16, eval_every=25)
+    q.add_argument("--patience", type=positive_int, default=3,
+                   help="stop after this many evaluations without a better validation loss, keeping the best (3)")
+    q.add_argument("--drop-rate", type=float, help="dropout while training (default: the checkpoint's)")
+    q = actions.add_parser("predict", help="label texts with a trained classifier",
+                           description="Prints one line per text: label, its probability, and the text. With "
+                                       "--data, texts come from a JSONL file's 'text' field; if every line also "
+                                       "has a 'label', the accuracy is printed last.",
+                           epilog=EXAMPLES["classify"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--checkpoint", type=Path, required=True, metavar="PTH", help="a classifier from `classify train`")
+    q.add_argument("--text", action="append", help="a text to classify (repeat for several)")
+    q.add_argument("--data", type=Path, help="JSONL with a 'text' field on every line")
+    q.add_argument("--out", type=Path, help="write the predictions as JSONL here instead of printing them")
+    q.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
+    q.add_argument("--batch-size", type=positive_int, default=64, help="texts per batch (64)")
+    q.add_argument("--device", default="auto")
 
     p = command("export", "write a checkpoint as a Hugging Face transformers model folder",
                 "Write DIR with config.json, model.safetensors and GPT-2's tokenizer files, which transformers "
@@ -436,8 +473,69 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    if args.action == "train":
+        from .recipes import ClassifierOptions, train_classifier
+        opts = ClassifierOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, n_heads=args.n_heads,
+                                 train=args.train, batch_size=args.batch_size, lr=args.lr,
+                                 weight_decay=args.weight_decay, epochs=args.epochs, max_steps=args.max_steps,
+                                 warmup_steps=20 if args.warmup_steps is None else args.warmup_steps,
+                                 eval_every=args.eval_every, patience=args.patience, drop_rate=args.drop_rate,
+                                 resume=args.resume, overwrite=args.overwrite, seed=args.seed, device=args.device,
+                                 precision=args.precision, progress=not args.quiet)
+        return _report(train_classifier(opts, log=_log))
+    if args.action == "predict":
+        return _classify_predict(args)
+    raise UserInputError("give an action: `gptlib classify train ...` or `gptlib classify predict ...`")
+
+
+def _classify_predict(args) -> int:
+    from .classify import load_classifier, predict_proba, read_labelled_jsonl, read_texts
+    from .device import pick_device
+    from .files import atomic_write, check_new_output
+    if (args.text is None) == (args.data is None):
+        raise UserInputError("give texts with --text or a JSONL file with --data (one of the two)")
+    if args.out is not None:
+        inputs = {"--checkpoint": args.checkpoint} | ({"--data": args.data} if args.data else {})
+        check_new_output(args.out, "--out", inputs, args.overwrite)
+    model = load_classifier(args.checkpoint, device=pick_device(args.device))
+    truth = None
+    if args.text is not None:
+        texts = args.text
+        for i, text in enumerate(texts, 1):
+            if not text.strip():
+                raise UserInputError(f"--text number {i} is empty: there is nothing to classify")
+    elif _every_line_has(args.data, "label"):
+        records, _ = read_labelled_jsonl(args.data, labels=model.labels)
+        texts, truth = [r.text for r in records], [r.label for r in records]
+    else:
+        texts = read_texts(args.data)
+    probs = predict_proba(model, texts, batch_size=args.batch_size)
+    rows = [{"text": text, "label": model.labels[int(p.argmax())], "probability": round(float(p.max()), 4)}
+            for text, p in zip(texts, probs)]
+    if args.out is not None:
+        atomic_write(args.out, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
+        _log(f"wrote {len(rows)} predictions to {args.out}")
+    else:
+        for r in rows:
+            print(f"{r['label']}\t{r['probability']:.3f}\t{r['text']}")
+    if truth is not None:
+        hits = sum(model.labels.index(r["label"]) == t for r, t in zip(rows, truth))
+        _log(f"accuracy: {hits / len(rows):.3f} ({hits} of {len(rows)} texts)")
+    return 0
+
+
+def _every_line_has(path: Path, field: str) -> bool:
+    """Whether every non-empty line of a JSONL file is an object with ``field`` (bad lines are reported later)."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return bool(lines) and all(field in json.loads(line) for line in lines)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
+
+
 COMMANDS = {"finetune": cmd_finetune, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
-            "eval": cmd_eval, "validate": cmd_validate, "export": cmd_export}
+            "eval": cmd_eval, "validate": cmd_validate, "export": cmd_export, "classify": cmd_classify}
 
 
 def _log(message: str, file=None) -> None:

@@ -6,14 +6,14 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 
 from .model import IGNORE_INDEX, GPTModel
 
 
 @torch.no_grad()
 def evaluate_loss(model: GPTModel, loader, max_batches: int | None = None, device=None) -> float:
-    """Mean cross-entropy per labelled token over the loader (every token counts the same)."""
+    """Mean cross-entropy per label over the loader: per labelled token for a language model (every token counts
+    the same), per text for a classifier; whatever ``model.loss`` takes the mean over."""
     device = device or model.device
     was_training = model.training
     model.eval()
@@ -27,10 +27,9 @@ def evaluate_loss(model: GPTModel, loader, max_batches: int | None = None, devic
             keep = labels != IGNORE_INDEX
             if not keep.any():
                 continue
-            h = model.hidden_states(batch["input_ids"], batch.get("attention_mask"))
-            logits = model.out_head(h[keep]).float()  # logits only where a label exists
-            total += float(F.cross_entropy(logits, labels[keep], reduction="sum"))
-            count += int(keep.sum())
+            n = int(keep.sum())
+            total += float(model.loss(batch["input_ids"], labels, batch.get("attention_mask"))) * n
+            count += n
     finally:
         model.train(was_training)
     if count == 0:
@@ -157,3 +156,37 @@ def response_bits_per_character(model: GPTModel, examples, batch_size: int = 16)
     labelled = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in loader)
     characters = sum(len(e.response) + 1 for e in examples)
     return evaluate_loss(model, loader) * labelled / math.log(2) / characters
+
+
+# ---------------------------------------------------------------- classification
+
+def classification_scores(true: list[int], predicted: list[int], positive: int = 1) -> dict:
+    """Accuracy, and precision, recall and F1 of the ``positive`` class (0 when undefined, as scikit-learn)."""
+    if len(true) != len(predicted) or not true:
+        raise ValueError(f"need as many predictions as labels, and at least one: {len(true)} and {len(predicted)}")
+    pairs = list(zip(true, predicted))
+    hits = sum(t == p for t, p in pairs)
+    tp = sum(t == positive and p == positive for t, p in pairs)
+    predicted_pos, actual_pos = sum(p == positive for p in predicted), sum(t == positive for t in true)
+    precision = tp / predicted_pos if predicted_pos else 0.0
+    recall = tp / actual_pos if actual_pos else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": hits / len(pairs), "precision": precision, "recall": recall, "f1": f1}
+
+
+def bootstrap_interval(true: list[int], predicted: list[int], metric: str = "accuracy", samples: int = 2000,
+                       level: float = 0.95, seed: int = 0, positive: int = 1) -> tuple[float, float]:
+    """A percentile bootstrap interval for one of :func:`classification_scores`' metrics.
+
+    The test texts are drawn again with replacement ``samples`` times; the middle ``level`` of the metric's values
+    is the interval. It shows how much the figure owes to which texts happened to be in a small test set.
+    """
+    import random
+    rng, n = random.Random(seed), len(true)
+    values = []
+    for _ in range(samples):
+        rows = [rng.randrange(n) for _ in range(n)]
+        values.append(classification_scores([true[i] for i in rows], [predicted[i] for i in rows], positive)[metric])
+    values.sort()
+    cut = int(samples * (1 - level) / 2)
+    return values[cut], values[samples - 1 - cut]

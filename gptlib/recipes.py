@@ -108,8 +108,8 @@ def _check_positive(**values) -> None:
             raise UserInputError(f"{flag} must be positive, got {value}")
 
 
-def _resume_checkpoint(paths: RunPaths, data_hash: str):
-    ckpt = read_checkpoint(paths.progress)
+def _resume_checkpoint(paths: RunPaths, data_hash: str, classifier: bool = False):
+    ckpt = read_checkpoint(paths.progress, allow_classifier=classifier)
     state = ckpt.train_state
     if not state or ckpt.optimizer_state is None:
         raise UserInputError(f"{paths.progress}: holds no training state to resume from")
@@ -384,8 +384,99 @@ def _pretrain_tokenizer(opts: PretrainOptions, text: str, log) -> Tokenizer:
     return GPT2
 
 
+# ---------------------------------------------------------------- classification
+
+@dataclass
+class ClassifierOptions:
+    checkpoint: Path
+    data: Path                # text/label JSONL, or sarcasm pairs (see gptlib.classify.read_classification_data)
+    out: Path
+    n_heads: int | None = None
+    train: str = "all"        # "head", "all" or a number of last blocks (as text, from the command line)
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    epochs: int = 8
+    max_steps: int | None = None
+    warmup_steps: int = 20
+    eval_every: int = 25
+    patience: int | None = 3  # stop after this many evaluations without a better validation loss
+    drop_rate: float | None = None
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 123
+    device: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+
+
+def train_classifier(opts: ClassifierOptions, log=print) -> dict:
+    """Train a classification head (and as much of the GPT as ``opts.train`` says) on labelled texts.
+
+    The data is split 85/10/5 by group (both answers of a sarcasm pair stay together); the test split's accuracy,
+    precision, recall and F1 are reported and written with the checkpoint, which records the label names.
+    """
+    with RunLock(opts.out) as lock:
+        return _train_classifier(opts, log, lock)
+
+
+def _train_classifier(opts: ClassifierOptions, log=print, lock: RunLock | None = None) -> dict:
+    from .classify import (GPTClassifier, choose_trainable, classification_loader, predict_proba,
+                           read_classification_data, split_by_group)
+    from .evaluate import classification_scores
+    opts.checkpoint, opts.data, opts.out = Path(opts.checkpoint), Path(opts.data), Path(opts.out)
+    check_options(asdict(opts))
+    _check_positive(batch_size=opts.batch_size, lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps,
+                    eval_every=opts.eval_every, patience=opts.patience)
+    train_part = int(opts.train) if str(opts.train).isdigit() else opts.train
+    paths = check_output(opts.out, [opts.checkpoint, opts.data], opts.overwrite, opts.resume, lock)
+    texts, labels = read_classification_data(opts.data)
+    for t in texts:
+        t.group = t.group or f"line {t.line}"  # no group given: each text is its own
+    split = split_by_group(texts, seed=opts.seed)
+    for name in ("train", "val", "test"):
+        if not getattr(split, name):
+            raise DataError(f"{opts.data}: too few texts (or groups) for a train/validation/test split")
+    seen = {t.label for t in split.train}
+    if len(seen) < 2:
+        raise DataError(f"{opts.data}: the training split holds only the label {labels[seen.pop()]!r}; "
+                        "a classifier needs examples of at least two classes")
+    data_hash = file_sha256(opts.data)
+    resume = _resume_checkpoint(paths, data_hash, classifier=True) if opts.resume else None
+    if resume is not None:
+        model = GPTClassifier(resume.config, resume.labels, resume.tokenizer)
+    else:
+        gpt, _ = load_model(opts.checkpoint, n_heads=opts.n_heads, drop_rate=opts.drop_rate)
+        set_seed(opts.seed)
+        model = GPTClassifier.from_gpt(gpt, labels)
+    trainable = choose_trainable(model, train_part)
+    device = pick_device(opts.device)
+    model.to(device)
+    make = dict(tokenizer=model.tokenizer, max_length=model.config.context_length)
+    train_loader = classification_loader(split.train, batch_size=opts.batch_size, seed=opts.seed, **make)
+    val_loader = classification_loader(split.val, batch_size=64, shuffle=False, **make)
+    log(f"data: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test texts, labels "
+        f"{labels}; model: {trainable:,} of {model.num_parameters():,} parameters trained ({opts.train}), on {device}")
+    cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
+                      warmup_steps=opts.warmup_steps, schedule="constant", eval_every=opts.eval_every,
+                      eval_batches=None, patience=opts.patience, checkpoint_path=str(paths.progress),
+                      seed=opts.seed, device=str(device), precision=opts.precision, progress=opts.progress)
+    result = train(model, train_loader, val_loader, cfg, resume=resume, extra_state={"data_sha256": data_hash})
+    if result.interrupted:
+        return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress)}
+    predicted = predict_proba(model, [t.text for t in split.test]).argmax(1).tolist()
+    scores = classification_scores([t.label for t in split.test], predicted)
+    log(f"test split ({len(split.test)} texts): accuracy {scores['accuracy']:.3f}; {labels[1]!r}: precision "
+        f"{scores['precision']:.3f}, recall {scores['recall']:.3f}, F1 {scores['f1']:.3f}")
+    metrics = {"command": "classify train", "base_checkpoint": str(opts.checkpoint), "data": str(opts.data),
+               "data_sha256": data_hash, "labels": labels, "trainable_parameters": trainable,
+               "texts": {name: len(getattr(split, name)) for name in ("train", "val", "test")},
+               "test": scores, "precision": result.precision, "options": _plain_options(opts)}
+    return _finish(model, result, paths, metrics, title=f"Classifier on {opts.data.name}")
+
+
 def _plain_options(opts) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
 
 
-__all__ = ["FinetuneOptions", "PretrainOptions", "finetune", "pretrain", "RunPaths", "EOT_ID"]
+__all__ = ["ClassifierOptions", "FinetuneOptions", "PretrainOptions", "finetune", "pretrain", "train_classifier", "RunPaths", "EOT_ID"]

@@ -120,3 +120,36 @@ def load_or_make_pretrained(name: str = "pretrained.pth", quick_steps: int = 150
                                          eval_batches=2, precision=train_precision()))
     save_checkpoint(quick, model)
     return model, quick
+
+
+def load_or_make_sarcasm(base_model, name: str = "sarcasm.pth"):
+    """The model notebook 07 fine-tuned on the sarcasm pairs; if there is none yet, fine-tune one here the same way.
+
+    Returns ``(model, path)``. The stand-in is saved as ``sarcasm_quick.pth``, never under the real name.
+    """
+    import copy
+
+    from .checkpoint import load_model
+    from .data import instruction_loader
+    from .device import set_seed
+    from .instructions import load_jsonl, split_examples
+    from .train import TrainConfig, train
+
+    path = checkpoint_dir() / name
+    quick = checkpoint_dir() / "sarcasm_quick.pth"
+    for found in (path, quick):
+        if found.exists():
+            model, _ = load_model(found)
+            print(f"loaded {found}")
+            return model, found
+    print(f"no {path} yet (notebook 07 makes it): fine-tuning a stand-in with notebook 07's settings instead")
+    split = split_examples(load_jsonl(project_root() / "dataset/sarcasm/sarcasm_instruction_pairs.jsonl"), seed=123)
+    model = copy.deepcopy(base_model)
+    make = dict(max_length=model.config.context_length, tokenizer=model.tokenizer)
+    set_seed(123)
+    train(model, instruction_loader(split.train, batch_size=8, seed=123, **make),
+          instruction_loader(split.val, batch_size=8, shuffle=False, **make),
+          TrainConfig(epochs=pick(8, 1), max_steps=pick(None, 4), lr=5e-4, weight_decay=0.1, warmup_steps=pick(20, 1),
+                      schedule="constant", eval_every=pick(25, 2), eval_batches=pick(20, 1), patience=3,
+                      checkpoint_path=str(quick), seed=123, precision=train_precision()))
+    return model, quick
