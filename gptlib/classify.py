@@ -202,11 +202,7 @@ def read_labelled_jsonl(path, labels: list[str] | None = None) -> tuple[list[Lab
     """
     path = Path(path)
     records = []
-    for number, line in _lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, record in _records(path):
         if not isinstance(record, dict):
             raise DataError(f"{path}, line {number}: expected a JSON object with 'text' and 'label'")
         for field in ("text", "label"):
@@ -232,11 +228,7 @@ def read_texts(path) -> list[str]:
     """The ``text`` field of every line of a JSONL file (texts to classify; labels are not read)."""
     path = Path(path)
     texts = []
-    for number, line in _lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, record in _records(path):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}, line {number}: needs a non-empty string field 'text'")
@@ -255,11 +247,7 @@ def sarcasm_texts(path) -> list[LabelledText]:
     """
     path = Path(path)
     texts = []
-    for number, line in _lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for number, record in _records(path):
         for field in ("instruction", "response", "sincere"):
             value = record.get(field) if isinstance(record, dict) else None
             if not isinstance(value, str) or not value.strip():
@@ -274,11 +262,7 @@ def read_classification_data(path, labels: list[str] | None = None) -> tuple[lis
     """Labelled texts from either kind of JSONL file, told apart by the first line's fields: ``text``/``label``
     lines (:func:`read_labelled_jsonl`), or sarcasm pairs with ``response`` and ``sincere`` (:func:`sarcasm_texts`)."""
     path = Path(path)
-    number, first = _lines(path)[0]
-    try:
-        fields = json.loads(first)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    _, fields = next(_records(path))
     if isinstance(fields, dict) and "text" not in fields and {"response", "sincere"} <= set(fields):
         if labels is not None and list(labels) != SARCASM_LABELS:
             raise DataError(f"{path}: sarcasm pairs have the labels {SARCASM_LABELS}; this classifier knows {labels}")
@@ -299,6 +283,15 @@ def split_by_group(texts: list[LabelledText], seed: int = 123) -> Split:
     by_group = split_examples(groups, seed=seed)
     part = {g: name for name in ("train", "val", "test") for g in getattr(by_group, name)}
     return Split(**{name: [t for t in texts if part[t.group] == name] for name in ("train", "val", "test")})
+
+
+def _records(path: Path):
+    """(line number, decoded JSON value) for each non-empty line; bad JSON is a DataError naming the line."""
+    for number, line in _lines(path):
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def _lines(path: Path):

@@ -231,16 +231,41 @@ def generate_batch(model: GPTModel, prompts, max_new_tokens: int = 100, settings
 
 
 def _prefill(model: GPTModel, tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
-    """Left-pad ``tokens`` into one batch and run it through a fresh KV cache: (last logits, mask, cache)."""
-    longest, device = max(len(row) for row in tokens), model.device
-    ids = torch.zeros(len(tokens), longest, dtype=torch.long, device=device)
-    mask = torch.zeros(len(tokens), longest, dtype=torch.long, device=device)
-    for i, row in enumerate(tokens):
+    """Left-pad ``tokens`` into one batch and run it through a fresh KV cache: (last logits, mask, cache).
+
+    The first tokens that every row shares (a prompt template's header) are computed once, for one row, and their
+    keys and values copied to every row; then each row's own tokens follow, left-padded after the shared part:
+    ``[shared][pad][own]``. The attention mask keeps the padding out and gives every token its true position.
+    """
+    device, n = model.device, len(tokens)
+    shared = min(_common_prefix_length(tokens), min(len(row) for row in tokens) - 1)  # each row keeps a token
+    cache = KVCache(model.config, n, device=device, dtype=model.tok_emb.weight.dtype)
+    if n > 1 and shared > 0:
+        prefix = KVCache(model.config, 1, max_len=shared, device=device, dtype=cache.keys.dtype)
+        model.hidden_states(torch.tensor([tokens[0][:shared]], device=device), kv_cache=prefix)
+        cache.keys[:, :, :, :shared] = prefix.keys  # (layers, 1, heads, shared, head_dim) to every row
+        cache.values[:, :, :, :shared] = prefix.values
+        cache.length = shared
+    else:
+        shared = 0
+    own = [row[shared:] for row in tokens]
+    longest = max(len(row) for row in own)
+    ids = torch.zeros(n, longest, dtype=torch.long, device=device)
+    mask = torch.zeros(n, shared + longest, dtype=torch.long, device=device)
+    mask[:, :shared] = 1
+    for i, row in enumerate(own):
         ids[i, longest - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, longest - len(row):] = 1
-    cache = KVCache(model.config, len(tokens), device=device, dtype=model.tok_emb.weight.dtype)
+        mask[i, shared + longest - len(row):] = 1
     logits = model(ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
     return logits, mask, cache
+
+
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    first = rows[0]
+    length = min(len(row) for row in rows)
+    for row in rows[1:]:
+        length = next((i for i in range(length) if row[i] != first[i]), length)
+    return length
 
 
 def generate(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: SamplingSettings | None = None,

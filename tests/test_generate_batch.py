@@ -128,3 +128,26 @@ def test_eval_json_breaks_the_score_down_by_task(model_with_tokenizer):
     scores = score_answers(model_with_tokenizer, examples, max_new_tokens=4, batch_size=2)
     assert scores["by_task"].keys() == {"repeat", "count"} and scores["by_task"]["count"]["examples"] == 2
     assert [p["task"] for p in scores["predictions"]] == ["repeat", "count", "count"]
+
+
+def test_prompts_sharing_a_header_compute_it_once_and_match_each_prompt_alone():
+    """The shared first tokens are computed for one row and copied: logits must equal each prompt run alone.
+
+    An untrained model is used on purpose: its logits depend on every earlier token and position, so a wrong
+    position or mask after the shared part shows at once.
+    """
+    from gptlib.generate import _prefill
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(vocab_size=VOCAB, context_length=64)).eval()
+    header = _prompts([9], seed=7)[0]
+    prompts = [header + tail for tail in _prompts([1, 5, 3, 8], seed=8)] + [header]  # the last: the header alone
+    with torch.no_grad():
+        logits, mask, cache = _prefill(model, prompts)
+        assert mask[:, :8].all() and not mask.all()  # 8 shared positions, then left padding before each row's own
+        alone = torch.stack([model(torch.tensor([p]))[0, -1] for p in prompts])
+        torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-4)
+        chosen = logits.argmax(-1)  # one more step from the shared cache
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        step = model(chosen[:, None], attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
+        alone = torch.stack([model(torch.tensor([p + [t]]))[0, -1] for p, t in zip(prompts, chosen.tolist())])
+        torch.testing.assert_close(step, alone, atol=1e-5, rtol=1e-4)
