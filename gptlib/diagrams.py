@@ -36,13 +36,8 @@ def draw_shifted_targets(tokenizer, text: str, max_tokens: int = 10):
         ax.annotate("", xy=(x + 0.5, 0.72), xytext=(x + 0.5, 1.08), arrowprops=dict(arrowstyle="->", color="0.4"))
     ax.text(-0.1, 1.4, "input_ids", ha="right", va="center", fontsize=10)
     ax.text(-0.1, 0.4, "targets", ha="right", va="center", fontsize=10)
-    ax.set_xlim(-1.5, n)
-    ax.set_ylim(0, 1.8)
-    ax.set_title("each position predicts the token that follows it: targets are the inputs shifted by one "
-                 "(␣ is a space)", fontsize=10)
-    ax.axis("off")
-    fig.tight_layout()
-    return fig
+    return _drawing(fig, ax, (-1.5, n), (0, 1.8), "each position predicts the token that follows it: targets are "
+                    "the inputs shifted by one (␣ is a space)")
 
 
 def draw_batch_grid(batch: dict, tokenizer, max_tokens: int | None = None):
@@ -77,6 +72,16 @@ def draw_batch_grid(batch: dict, tokenizer, max_tokens: int | None = None):
     return fig
 
 
+def _drawing(fig, ax, xlim, ylim, title: str, fontsize: int = 10):
+    """Finish a box-and-arrow drawing: its extent (y may run downwards), no axes, a title."""
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.axis("off")
+    ax.set_title(title, fontsize=fontsize)
+    fig.tight_layout()
+    return fig
+
+
 def _box(ax, x, y, text, colour, w=2.6, h=0.55, fontsize=9):
     import matplotlib.patches as patches
     ax.add_patch(patches.FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05", fc=colour,
@@ -104,18 +109,13 @@ def draw_transformer_block(emb_dim: int = 128, n_heads: int = 4):
     for y, text, colour in steps:
         _box(ax, 0, y, text, colour, w=0.6 if text == "+" else 2.9, h=0.45 if text == "+" else 0.62)
     for (y0, _, _), (y1, _, _) in zip(steps, steps[1:]):
-        ax.annotate("", xy=(0, y1 - 0.32), xytext=(0, y0 + 0.32), arrowprops=dict(arrowstyle="->", color="0.3"))
+        _arrow(ax, (0, y0 + 0.32), (0, y1 - 0.32))
     for start, end in ((0.0, 3.3), (3.3, 6.6)):  # the residual connections go around
         ax.plot([0.35 + 1.2, 1.9, 1.9, 0.35], [start, start, end, end], color="tab:red", lw=1.2)
         ax.text(2.0, (start + end) / 2, "residual\n(x + …)", color="tab:red", fontsize=8, va="center")
-    ax.annotate("", xy=(0, 7.5), xytext=(0, 6.85), arrowprops=dict(arrowstyle="->", color="0.3"))
+    _arrow(ax, (0, 6.85), (0, 7.5))
     ax.text(0, 7.65, "to the next block, same shape", ha="center", fontsize=8)
-    ax.set_xlim(-2, 3)
-    ax.set_ylim(7.9, -0.6)
-    ax.axis("off")
-    ax.set_title("one transformer block (pre-LayerNorm)", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _drawing(fig, ax, (-2, 3), (7.9, -0.6), "one transformer block (pre-LayerNorm)")
 
 
 def draw_gpt(config, batch: int = 2, tokens: int = 6):
@@ -137,13 +137,9 @@ def draw_gpt(config, batch: int = 2, tokens: int = 6):
         _box(ax, 0, 1.2 * i, text, colour, w=4.2, h=0.7, fontsize=8.5)
         if shape:
             _arrow(ax, (0, 1.2 * i + 0.37), (0, 1.2 * (i + 1) - 0.37), shape)
-    ax.set_xlim(-2.5, 3.2)
-    ax.set_ylim(1.2 * len(steps) - 0.4, -0.6)
-    ax.axis("off")
-    ax.set_title(f"a GPT with emb_dim {d}, {config.n_layers} layers, {config.n_heads} heads: shapes for {b} "
-                 f"sequences of {t} tokens", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _drawing(fig, ax, (-2.5, 3.2), (1.2 * len(steps) - 0.4, -0.6), f"a GPT with emb_dim {d}, "
+                    f"{config.n_layers} layers, {config.n_heads} heads: shapes for {b} sequences of {t} tokens",
+                    fontsize=9)
 
 
 def draw_training_loop():
@@ -158,19 +154,14 @@ def draw_training_loop():
     for i, (text, colour) in enumerate(steps):
         _box(ax, 0, 1.1 * i, text, colour, w=4.4, h=0.6, fontsize=8.5)
         if i:
-            ax.annotate("", xy=(0, 1.1 * i - 0.32), xytext=(0, 1.1 * (i - 1) + 0.32),
-                        arrowprops=dict(arrowstyle="->", color="0.3"))
+            _arrow(ax, (0, 1.1 * (i - 1) + 0.32), (0, 1.1 * i - 0.32))
     ax.annotate("", xy=(-2.25, 0), xytext=(-2.25, 3.3),
                 arrowprops=dict(arrowstyle="->", color="tab:red", connectionstyle="bar,fraction=-0.12"))
     ax.text(-3.05, 1.65, "next\nstep", color="tab:red", fontsize=8.5, ha="center", va="center")
     _box(ax, 4.3, 3.3, "every eval_every steps:\nvalidation loss, checkpoint", "#e5e5e5", w=2.7, h=0.75, fontsize=8)
     ax.annotate("", xy=(2.9, 3.3), xytext=(2.25, 3.3), arrowprops=dict(arrowstyle="->", color="0.3", ls="--"))
-    ax.set_xlim(-3.6, 5.8)
-    ax.set_ylim(4.0, -0.6)
-    ax.axis("off")
-    ax.set_title("the training loop (gptlib.train): one turn is one optimizer step", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _drawing(fig, ax, (-3.6, 5.8), (4.0, -0.6), "the training loop (gptlib.train): one turn is one optimizer "
+                    "step")
 
 
 def plot_learning_rate(cfg, total_steps: int, ax=None):
