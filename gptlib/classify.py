@@ -201,8 +201,13 @@ def read_labelled_jsonl(path, labels: list[str] | None = None) -> tuple[list[Lab
     :class:`DataError` naming the line and field.
     """
     path = Path(path)
+    return _labelled(path, list(_records(path)), labels)
+
+
+def _labelled(path: Path, lines: list, labels: list[str] | None) -> tuple[list[LabelledText], list[str]]:
+    """:func:`read_labelled_jsonl` on lines already decoded: (line number, JSON value) pairs."""
     records = []
-    for number, record in _records(path):
+    for number, record in lines:
         if not isinstance(record, dict):
             raise DataError(f"{path}, line {number}: expected a JSON object with 'text' and 'label'")
         for field in ("text", "label"):
@@ -224,16 +229,21 @@ def read_labelled_jsonl(path, labels: list[str] | None = None) -> tuple[list[Lab
     return [LabelledText(text, names.index(label), group, number) for number, text, label, group in records], names
 
 
-def read_texts(path) -> list[str]:
-    """The ``text`` field of every line of a JSONL file (texts to classify; labels are not read)."""
+def read_texts(path, labels: list[str] | None = None) -> tuple[list[str], list[int] | None]:
+    """The ``text`` of every line of a JSONL file to classify, read once; and when ``labels`` is given and every line
+    also has a ``label``, their indices in ``labels`` (otherwise None)."""
     path = Path(path)
+    lines = list(_records(path))
+    if labels is not None and all(isinstance(record, dict) and "label" in record for _, record in lines):
+        labelled, _ = _labelled(path, lines, labels)
+        return [t.text for t in labelled], [t.label for t in labelled]
     texts = []
-    for number, record in _records(path):
+    for number, record in lines:
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}, line {number}: needs a non-empty string field 'text'")
         texts.append(text)
-    return texts
+    return texts, None
 
 
 SARCASM_LABELS = ["sincere", "sarcastic"]

@@ -490,7 +490,7 @@ def cmd_classify(args) -> int:
 
 
 def _classify_predict(args) -> int:
-    from .classify import load_classifier, predict_proba, read_labelled_jsonl, read_texts
+    from .classify import load_classifier, predict_proba, read_texts
     from .device import pick_device
     from .files import atomic_write, check_new_output
     if (args.text is None) == (args.data is None):
@@ -505,11 +505,8 @@ def _classify_predict(args) -> int:
         for i, text in enumerate(texts, 1):
             if not text.strip():
                 raise UserInputError(f"--text number {i} is empty: there is nothing to classify")
-    elif _every_line_has(args.data, "label"):
-        records, _ = read_labelled_jsonl(args.data, labels=model.labels)
-        texts, truth = [r.text for r in records], [r.label for r in records]
     else:
-        texts = read_texts(args.data)
+        texts, truth = read_texts(args.data, labels=model.labels)  # truth: when every line has a label
     probs = predict_proba(model, texts, batch_size=args.batch_size)
     rows = [{"text": text, "label": model.labels[int(p.argmax())], "probability": round(float(p.max()), 4)}
             for text, p in zip(texts, probs)]
@@ -523,15 +520,6 @@ def _classify_predict(args) -> int:
         hits = sum(model.labels.index(r["label"]) == t for r, t in zip(rows, truth))
         _log(f"accuracy: {hits / len(rows):.3f} ({hits} of {len(rows)} texts)")
     return 0
-
-
-def _every_line_has(path: Path, field: str) -> bool:
-    """Whether every non-empty line of a JSONL file is an object with ``field`` (bad lines are reported later)."""
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return bool(lines) and all(field in json.loads(line) for line in lines)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError):
-        return False
 
 
 COMMANDS = {"finetune": cmd_finetune, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
