@@ -217,3 +217,53 @@ def attention_weights(model, ids: torch.Tensor, layer: int) -> torch.Tensor:
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=ids.device).tril(), float("-inf"))
     return scores.softmax(-1)
+
+
+def draw_token_losses(rows: dict, title: str = "loss of every answer token (nats): darker is more surprising"):
+    """Answers as strips of tokens, each coloured by the model's loss on it; the mean of a strip is its loss.
+
+    ``rows`` maps a label to ``(pieces, losses)``, as :func:`gptlib.evaluate.response_token_losses` returns them.
+    """
+    import matplotlib.pyplot as plt
+
+    width = max(len(pieces) for pieces, _ in rows.values())
+    top = max(max(losses) for _, losses in rows.values())
+    cmap = plt.get_cmap("Reds")
+    fig, ax = plt.subplots(figsize=(min(0.62 * width + 3.2, 16), 0.55 * len(rows) + 1.2))
+    for r, (label, (pieces, losses)) in enumerate(rows.items()):
+        y = len(rows) - 1 - r
+        for x, (piece, loss) in enumerate(zip(pieces[:width], losses)):
+            ax.add_patch(plt.Rectangle((x + 0.04, y + 0.1), 0.92, 0.8, color=cmap(0.1 + 0.85 * loss / top)))
+            ax.text(x + 0.5, y + 0.5, _short(piece.replace(" ", "␣"), 6), ha="center", va="center", fontsize=7,
+                    family="monospace", color="white" if loss > 0.6 * top else "black")
+        ax.text(-0.2, y + 0.5, f"{label}  (mean {sum(losses) / len(losses):.2f})", ha="right", va="center",
+                fontsize=8.5)
+    return _drawing(fig, ax, (-0.2, width), (0, len(rows)), title, fontsize=9)
+
+
+def draw_task_evaluation(n_words: int, n_unseen: int, n_play_words: int, split_sizes: tuple[int, int, int]):
+    """How notebook 05 measures instruction following: which words and examples each number is allowed to see."""
+    import matplotlib.pyplot as plt
+
+    n_train, n_val, n_test = split_sizes
+    fig, ax = plt.subplots(figsize=(10.5, 4.6))
+    _box(ax, 2.5, 5, f"common words ({n_words:,})", PROMPT, w=3.4)
+    _box(ax, 1.0, 3.7, f"training words ({n_words - n_unseen:,})", PROMPT, w=2.8)
+    _box(ax, 4.4, 3.7, f"unseen words ({n_unseen:,})\nnever in any training example", "#fdd0a2", w=3.3, h=0.75)
+    _box(ax, 1.0, 2.4, f"task examples ({n_train + n_val + n_test:,})", PROMPT, w=2.8)
+    _box(ax, 8.0, 3.7, f"words from the plays ({n_play_words:,})\nunseen words left out", PROMPT, w=3.4, h=0.75)
+    _box(ax, 8.0, 2.4, "more training examples", PROMPT, w=3.0)
+    _box(ax, -0.3, 1.1, f"train {n_train:,}", RESPONSE, w=1.7)
+    _box(ax, 1.6, 1.1, f"validation {n_val:,}", PADDING, w=1.9)
+    _box(ax, 3.6, 1.1, f"test {n_test:,}", "#fdd0a2", w=1.7)
+    _box(ax, 6.2, 1.1, "unseen-word examples", "#fdd0a2", w=2.7)
+    _box(ax, 0.9, -0.2, "fine-tune (loss on the answer only)", RESPONSE, w=3.7)
+    _box(ax, 6.5, -0.2, "exact match, per task: seen words / unseen words", "#fdd0a2", w=4.9)
+    for start, end in [((2.0, 4.7), (1.3, 4.0)), ((3.0, 4.7), (4.0, 4.1)), ((1.0, 3.4), (1.0, 2.7)),
+                       ((8.0, 3.3), (8.0, 2.7)), ((0.6, 2.1), (-0.2, 1.4)), ((1.1, 2.1), (1.5, 1.4)),
+                       ((1.5, 2.1), (3.4, 1.4)), ((4.8, 3.3), (6.1, 1.4)), ((-0.3, 0.8), (0.2, 0.1)),
+                       ((7.0, 2.1), (2.2, 0.1)), ((3.6, 0.8), (5.4, 0.1)), ((6.2, 0.8), (6.4, 0.1))]:
+        _arrow(ax, start, end)
+    ax.text(-1.2, -0.75, "validation steers training (its loss is watched); only test and unseen-word examples are "
+            "scored, once, after training", fontsize=8, color="0.3")
+    return _drawing(fig, ax, (-1.3, 10.0), (-0.95, 5.5), "which examples each number sees")

@@ -158,6 +158,28 @@ def response_bits_per_character(model: GPTModel, examples, batch_size: int = 16)
     return evaluate_loss(model, loader) * labelled / math.log(2) / characters
 
 
+def response_token_losses(model: GPTModel, example) -> tuple[list[str], list[float]]:
+    """Every response token of ``example`` (the closing end-of-text last) with the model's loss on it, in nats.
+
+    The loss of one token is -log p(token | everything before it): how surprised the model is. Their mean is the
+    example's response loss, the number ``evaluate_loss`` averages over a split. An example longer than the
+    context loses the start of its prompt, never its answer.
+    """
+    from .data import InstructionCollator, tokenize_example
+    tokenizer = model.tokenizer
+    batch = InstructionCollator(model.config.context_length, truncation="left", pad_id=tokenizer.eot_id)(
+        [tokenize_example(example, tokenizer)])
+    keep = batch["labels"][0] != IGNORE_INDEX
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["input_ids"].to(next(model.parameters()).device))[0].cpu()[keep].float()
+    model.train(was_training)
+    targets = batch["labels"][0, keep]
+    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return [tokenizer.decode([int(t)]) for t in targets], losses.tolist()
+
+
 # ---------------------------------------------------------------- classification
 
 def classification_scores(true: list[int], predicted: list[int], positive: int = 1) -> dict:

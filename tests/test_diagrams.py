@@ -54,7 +54,25 @@ def test_every_diagram_draws(model):
     figures = [diagrams.draw_shifted_targets(model.tokenizer, "But soft, what light"),
                diagrams.draw_transformer_block(), diagrams.draw_gpt(model.config), diagrams.draw_training_loop(),
                diagrams.plot_learning_rate(TrainConfig(lr=1e-3, warmup_steps=10), 100),
-               diagrams.plot_attention(model, "But soft, what light", layer=1)]
+               diagrams.plot_attention(model, "But soft, what light", layer=1),
+               diagrams.draw_task_evaluation(1000, 100, 4000, (850, 100, 50))]
     for fig in figures:
         assert fig.axes
         plt.close(fig)
+
+
+def test_token_losses_are_the_model_loss_token_by_token(model):
+    """The strips show each answer token's own loss; their mean is the loss evaluate_loss reports for the answer."""
+    from gptlib import evaluate_loss, instruction_loader
+    from gptlib.evaluate import response_token_losses
+
+    torch.manual_seed(1)
+    model = GPTModel(tiny_config(vocab_size=model.tokenizer.vocab_size, context_length=192), model.tokenizer).eval()
+    example = Example("Say it.", "", "But soft, what light")
+    pieces, losses = response_token_losses(model, example)
+    assert "".join(pieces) == "But soft, what light" + model.tokenizer.decode([model.tokenizer.eot_id])
+    loader = instruction_loader([example], 1, 192, shuffle=False, tokenizer=model.tokenizer)
+    assert sum(losses) / len(losses) == pytest.approx(evaluate_loss(model, loader), rel=1e-5)
+    fig = diagrams.draw_token_losses({"an answer": (pieces, losses)})
+    assert len(fig.axes[0].patches) == len(pieces)
+    plt.close(fig)
