@@ -68,12 +68,16 @@ def save_checkpoint(path, model: GPTModel, optimizer: torch.optim.Optimizer | No
                     train_state: dict | None = None) -> None:
     """Write a gptlib checkpoint atomically (a crash mid-write leaves any earlier file intact)."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    payload = {
-        "format": FORMAT,
-        "config": model.config.to_dict(),
-        "model_state_dict": model.state_dict(),
-    }
-    if model.has_tokenizer:
+    if getattr(model, "lora", None) is not None:  # LoRA: the adapters alone, with the base they belong to
+        from .lora import adapter_payload
+        payload = adapter_payload(model)
+    else:
+        payload = {
+            "format": FORMAT,
+            "config": model.config.to_dict(),
+            "model_state_dict": model.state_dict(),
+        }
+    if model.has_tokenizer and "model_state_dict" in payload:
         payload["tokenizer"] = model.tokenizer.to_dict()
     if getattr(model, "labels", None):  # a GPTClassifier: its outputs mean these labels, in this order
         payload["labels"] = list(model.labels)
@@ -87,7 +91,7 @@ def save_checkpoint(path, model: GPTModel, optimizer: torch.optim.Optimizer | No
 # ---------------------------------------------------------------- reading
 
 def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = None,
-                    allow_classifier: bool = False) -> Checkpoint:
+                    allow_classifier: bool = False, raw=None) -> Checkpoint:
     """Read any supported checkpoint form into a :class:`Checkpoint` with gptlib's names.
 
     ``n_heads`` is needed only when the file carries no config (the head count is not visible in the
@@ -95,7 +99,11 @@ def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = 
     A classifier's file (one that stores label names) is refused unless ``allow_classifier``: it does not
     generate text.
     """
-    raw = _torch_load(path)
+    raw = _torch_load(path) if raw is None else raw
+    if isinstance(raw, dict) and raw.get("format") == "gptlib-lora-adapter":
+        base = (raw.get("base") or {}).get("path") if isinstance(raw.get("base"), dict) else None
+        raise CheckpointError(f"{path}: is a LoRA adapter (for the base {base}), not a full checkpoint; "
+                              f"fold it into one first: gptlib merge --adapter {path} --out FULL.pth")
     if not isinstance(raw, dict) or not raw:
         raise CheckpointError(f"{path}: holds a {type(raw).__name__}, not a dict of tensors; "
                               "expected a model state_dict or a dict with 'model_state_dict'")
@@ -189,8 +197,13 @@ def load_model(path, n_heads: int | None = None, device=None, drop_rate: float |
     """Build a :class:`GPTModel` from any supported checkpoint; return it with the checkpoint's contents.
 
     With ``config`` given, the weights must fit it exactly (a clear error names the first tensor that does not).
+    A LoRA adapter file gives its base model with the adapters merged in (see :func:`gptlib.lora.load_adapter`).
     """
-    ckpt = read_checkpoint(path, n_heads=n_heads, drop_rate=drop_rate)
+    from .lora import is_adapter_file, load_adapter
+    raw = _torch_load(path)
+    if is_adapter_file(raw):
+        return load_adapter(path, raw, device=device)
+    ckpt = read_checkpoint(path, n_heads=n_heads, drop_rate=drop_rate, raw=raw)
     model = GPTModel(config or ckpt.config, tokenizer=ckpt.tokenizer)
     load_weights(model, ckpt.model_state, source=str(path))
     if device is not None:

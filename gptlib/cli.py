@@ -16,6 +16,9 @@ from .errors import UserInputError
 from .guards import check_options
 
 EXAMPLES = {
+    "merge": "example:\n  gptlib finetune --checkpoint checkpoints/pretrained.pth --lora-rank 8 \\\n"
+             "      --data dataset/sarcasm/sarcasm_instruction_pairs.jsonl --out checkpoints/sarcasm_lora.pth\n"
+             "  gptlib merge --adapter checkpoints/sarcasm_lora.pth --out checkpoints/sarcasm_merged.pth",
     "finetune": "example:\n  gptlib finetune --checkpoint model_and_optimizer.pth --n-heads 4 \\\n"
                 "      --data dataset/sarcasm/sarcasm_instruction_pairs.jsonl --out checkpoints/sarcasm.pth",
     "pretrain": "example:\n  gptlib pretrain --data dataset/pretraining/shakespeare_train.txt \\\n"
@@ -140,6 +143,24 @@ def build_parser() -> Parser:
     p.add_argument("--truncation", choices=("right", "left"), default="right",
                    help="which end of over-long examples to cut (right: the response's end; left: the prompt's start)")
     p.add_argument("--drop-rate", type=float, help="dropout while fine-tuning (default: the checkpoint's, or 0.1)")
+    g = p.add_argument_group("LoRA (train small adapters; the base weights stay frozen)")
+    g.add_argument("--lora-rank", type=positive_int, metavar="R",
+                   help="train rank-R adapters instead of every weight; OUT then holds the adapters only, with the "
+                        "path and sha256 of --checkpoint (generate, eval, chat and export read it directly)")
+    g.add_argument("--lora-alpha", type=positive_float, metavar="A", help="adapter scale is A/R (default: 2R)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (0.0)")
+    g.add_argument("--lora-targets", type=_lora_targets, default=("qkv", "out_proj"), metavar="LAYERS",
+                   help="comma-separated layers of every block to adapt: qkv, out_proj (attention; the default), "
+                        "fc, proj (the MLP)")
+
+    p = command("merge", "fold a LoRA adapter into a full checkpoint",
+                "Load the base checkpoint an adapter file records (checked by sha256), add the adapters to its "
+                "weights, and write an ordinary full checkpoint.")
+    p.add_argument("--adapter", type=Path, required=True, metavar="PTH", help="the adapter file (finetune --lora-rank)")
+    p.add_argument("--base", type=Path, metavar="PTH",
+                   help="the base checkpoint, when it is no longer at the path the adapter records")
+    p.add_argument("--out", type=Path, required=True, help="the full checkpoint to write (.pth)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     p = command("pretrain", "pretrain a new model on plain text",
                 "Pretrain a new GPT on a UTF-8 text file or a folder of .txt files. Validation is --val-data, or "
@@ -267,9 +288,33 @@ def cmd_finetune(args) -> int:
                            save_every=args.save_every, warmup_steps=args.warmup_steps or 0,
                            mask_prompt=not args.no_prompt_mask, truncation=args.truncation, drop_rate=args.drop_rate,
                            resume=args.resume, overwrite=args.overwrite, seed=args.seed, device=args.device,
-                           precision=args.precision,
-                           progress=not args.quiet)
+                           precision=args.precision, progress=not args.quiet, lora_rank=args.lora_rank,
+                           lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
     return _report(finetune(opts, log=_log))
+
+
+def _lora_targets(text: str) -> tuple[str, ...]:
+    from .lora import TARGETS
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown layer(s) {unknown or text!r}; choose from {', '.join(TARGETS)}")
+    return names
+
+
+def cmd_merge(args) -> int:
+    from .checkpoint import _torch_load, save_checkpoint
+    from .files import check_new_output
+    from .lora import is_adapter_file, load_adapter
+    check_new_output(args.out, "--out", {"--adapter": args.adapter, "--base": args.base}, args.overwrite)
+    raw = _torch_load(args.adapter)
+    if not is_adapter_file(raw):
+        raise UserInputError(f"--adapter {args.adapter}: is not a LoRA adapter file (finetune --lora-rank writes "
+                             "them); it needs no merging")
+    model, _ = load_adapter(args.adapter, raw, base=args.base)
+    save_checkpoint(args.out, model)
+    _log(f"wrote {args.out}: {model.num_parameters():,} parameters, the adapters folded into the base weights")
+    return 0
 
 
 def cmd_pretrain(args) -> int:
@@ -522,7 +567,7 @@ def _classify_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
+COMMANDS = {"finetune": cmd_finetune, "merge": cmd_merge, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "validate": cmd_validate, "export": cmd_export, "classify": cmd_classify}
 
 

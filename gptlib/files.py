@@ -205,3 +205,13 @@ def _alive(holder: dict) -> bool:
     except OSError:  # PermissionError: it exists, under another user
         pass
     return True
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in 1 MB blocks."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

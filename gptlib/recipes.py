@@ -20,9 +20,10 @@ from .data import InstructionCollator, InstructionDataset, instruction_loader, w
 from .device import pick_device, set_seed
 from .errors import DataError, UserInputError
 from .evaluate import evaluate_loss, perplexity
-from .files import RunLock, atomic_write, same_file
+from .files import RunLock, atomic_write, file_sha256, same_file
 from .guards import check_loader_tokens, check_model_fits, check_options
 from .instructions import load_jsonl, split_examples
+from .lora import DEFAULT_TARGETS, LoRAConfig, add_lora, is_adapter_file, load_adapter
 from .model import IGNORE_INDEX
 from .tokenizer import EOT_ID, GPT2, BPETokenizer, Tokenizer, train_bpe
 from .train import TrainConfig, resolve_precision, train
@@ -93,14 +94,6 @@ def _check_run_files(paths: RunPaths, inputs: list[Path], overwrite: bool, resum
                              "--resume to continue it, or --overwrite to start again")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and not value > 0:
@@ -158,6 +151,10 @@ class FinetuneOptions:
     device: str = "auto"
     precision: str = "auto"  # "auto": bf16 mixed precision where the hardware has it, else fp32
     progress: bool = True
+    lora_rank: int | None = None      # train LoRA adapters of this rank instead of every weight
+    lora_alpha: float | None = None   # None: twice the rank
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("qkv", "out_proj")
 
 
 def count_trainable(examples, max_length: int, mask_prompt: bool, truncation: str, tokenizer: Tokenizer = GPT2) -> int:
@@ -188,11 +185,17 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
     split = split_examples(examples, seed=opts.seed)
     data_hash = file_sha256(opts.data)
 
-    resume = _resume_checkpoint(paths, data_hash) if opts.resume else None
-    if resume is not None:
+    lora = _lora_config(opts)
+    if opts.resume and lora is not None:
+        model, resume = _resume_lora(paths, data_hash)
+    elif opts.resume:
+        resume = _resume_checkpoint(paths, data_hash)
         model = GPTModel(resume.config, tokenizer=resume.tokenizer)
     else:
+        resume = None
         model, _ = load_model(opts.checkpoint, n_heads=opts.n_heads, drop_rate=opts.drop_rate)
+        if lora is not None:
+            add_lora(model, lora, base=opts.checkpoint, seed=opts.seed)  # OUT will be an adapter file recording this base
     max_length = model.config.context_length
     usable = count_trainable(split.train, max_length, opts.mask_prompt, opts.truncation, model.tokenizer)
     if usable == 0:
@@ -215,6 +218,10 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
     log(f"data: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test examples "
         f"from {opts.data}; model: {model.num_parameters():,} parameters, tokenizer {model.tokenizer.name}, on {device}, "
         f"{resolve_precision(device, opts.precision)}")
+    trainable = model.num_parameters(trainable_only=True)
+    if lora is not None:
+        log(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {trainable:,} trainable "
+            f"parameters ({trainable / model.num_parameters():.2%}); OUT will hold the adapters only")
 
     if resume is not None:
         test_before = resume.train_state["test_loss_before"]
@@ -237,8 +244,39 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
                                                       "test": len(split.test)},
                "test_loss_before": test_before, "test_loss_after": test_after,
                "test_perplexity_before": perplexity(test_before), "test_perplexity_after": perplexity(test_after),
-               "precision": result.precision, "options": _plain_options(opts)}
+               "precision": result.precision, "trainable_parameters": trainable, "options": _plain_options(opts)}
+    if lora is not None:
+        metrics["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                           "targets": list(lora.targets), "base_sha256": model.lora.base_sha256}
     return _finish(model, result, paths, metrics, title=f"Fine-tuning on {opts.data.name}")
+
+
+def _lora_config(opts: FinetuneOptions) -> LoRAConfig | None:
+    """The run's LoRA settings, or None for a full fine-tune (LoRA flags without --lora-rank are an error)."""
+    if opts.lora_rank is None:
+        if opts.lora_alpha is not None or opts.lora_dropout or tuple(opts.lora_targets) != DEFAULT_TARGETS:
+            raise UserInputError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank")
+        return None
+    alpha = 2.0 * opts.lora_rank if opts.lora_alpha is None else opts.lora_alpha
+    return LoRAConfig(opts.lora_rank, alpha, opts.lora_dropout, tuple(opts.lora_targets))
+
+
+def _resume_lora(paths: RunPaths, data_hash: str):
+    """Resume a LoRA run: its progress file is an adapter file, with the optimizer state of the adapters."""
+    from .checkpoint import Checkpoint, _torch_load
+    raw = _torch_load(paths.progress)
+    if not is_adapter_file(raw):
+        raise UserInputError(f"--resume: {paths.progress} is not a LoRA progress file; drop the --lora flags to "
+                             "resume a full fine-tune, or start over without --resume")
+    model, _ = load_adapter(paths.progress, raw, merge=False)
+    state = raw.get("train_state") or {}
+    if not state or raw.get("optimizer_state_dict") is None:
+        raise UserInputError(f"{paths.progress}: holds no training state to resume from")
+    if state.get("data_sha256") not in (None, data_hash):
+        raise UserInputError(f"--resume: {paths.progress} was trained on other data (the data file changed); "
+                             "start a new run without --resume")
+    return model, Checkpoint(model.config, model.state_dict(), raw["optimizer_state_dict"], dict(state),
+                             tokenizer=model.tokenizer)
 
 
 # ---------------------------------------------------------------- pretraining
