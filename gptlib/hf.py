@@ -191,6 +191,8 @@ def to_hf(model: GPTModel, directory=None, overwrite: bool = False):
     """
     transformers = require_transformers()
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if getattr(model, "lora", None) is not None:
+        raise UserInputError("the model has LoRA adapters: fold them in first (gptlib.lora.merge_lora(model))")
     config = model.config
     tokenizer = model.tokenizer if model.has_tokenizer else None
     if directory is not None:

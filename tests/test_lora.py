@@ -174,3 +174,31 @@ def test_a_killed_lora_run_resumes_to_the_same_adapter(workdir):
     ours, theirs = (torch.load(p, weights_only=True)["adapter_state_dict"] for p in (cut, crash / "whole.pth"))
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=0)
+
+
+HF_NAMES = {"qkv": "attn.c_attn", "out_proj": "attn.c_proj", "fc": "mlp.c_fc", "proj": "mlp.c_proj"}
+
+
+def test_lora_forward_equals_peft_on_the_exported_model(workdir):
+    """Same adapter weights in gptlib and in peft (on the HF export of the base): the same logits."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from gptlib.hf import to_hf
+
+    base, _ = load_model(workdir / "base.pth")
+    hf_model = to_hf(base)
+    model = trained_adapter(workdir, targets=("qkv", "out_proj", "fc", "proj"))
+    config = model.lora.config
+    peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, fan_in_fan_out=True,  # GPT-2's Conv1D layers
+        target_modules=["c_attn", "c_proj", "c_fc"]))
+    theirs = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in adapter_state_dict(model).items():  # blocks.0.att.qkv.lora_A
+            _, block, parent, layer, which = name.split(".")
+            target = f"base_model.model.transformer.h.{block}.{HF_NAMES[layer]}.{which}.default.weight"
+            assert theirs[target].shape == tensor.shape, target
+            theirs[target].copy_(tensor)
+    ids = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(ids).logits, model(ids), atol=1e-5, rtol=1e-4)
