@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[notebooks,dev,hf]"
+	$(PY) -m pip install --quiet -e ".[notebooks,dev,hf,serve]"
 	@$(PY) -c "import torch, gptlib; print('installed gptlib with torch', torch.__version__)"
 	@touch $@
 

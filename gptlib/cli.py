@@ -16,6 +16,9 @@ from .errors import UserInputError
 from .guards import check_options
 
 EXAMPLES = {
+    "serve": "example:\n  gptlib serve --checkpoint checkpoints/instruct.pth --port 8000\n"
+             "  curl -s localhost:8000/generate -H 'Content-Type: application/json' \\\n"
+             "       -d '{\"instruction\": \"Write the words in reverse order.\", \"input\": \"apple river cold\"}'",
     "merge": "example:\n  gptlib finetune --checkpoint checkpoints/pretrained.pth --lora-rank 8 \\\n"
              "      --data dataset/sarcasm/sarcasm_instruction_pairs.jsonl --out checkpoints/sarcasm_lora.pth\n"
              "  gptlib merge --adapter checkpoints/sarcasm_lora.pth --out checkpoints/sarcasm_merged.pth",
@@ -162,6 +165,16 @@ def build_parser() -> Parser:
     p.add_argument("--out", type=Path, required=True, help="the full checkpoint to write (.pth)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
+    p = command("serve", "answer POST /generate over HTTP (FastAPI + uvicorn)",
+                "Serve one checkpoint (or LoRA adapter) over HTTP until Ctrl-C. POST /generate takes JSON: 'prompt' "
+                "(text to continue) or 'instruction' (+ 'input'), and max_new_tokens, temperature, top_k, top_p, "
+                "repetition_penalty, seed, stream. GET /health names the model and tokenizer. Greedy requests that "
+                "arrive together are answered in one batch. Needs the serve extra: pip install -e \".[serve]\".")
+    _add_checkpoint(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000; 0 picks a free one)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+
     p = command("pretrain", "pretrain a new model on plain text",
                 "Pretrain a new GPT on a UTF-8 text file or a folder of .txt files. Validation is --val-data, or "
                 "the last --val-fraction of the tokens. Writes OUT (.pth), .loss.png and .metrics.json.")
@@ -300,6 +313,18 @@ def _lora_targets(text: str) -> tuple[str, ...]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown layer(s) {unknown or text!r}; choose from {', '.join(TARGETS)}")
     return names
+
+
+def cmd_serve(args) -> int:
+    from .serve import require_serving, serve
+    require_serving()
+    if not 0 <= args.port <= 65535:
+        raise UserInputError(f"--port {args.port}: must be between 0 and 65535")
+    model = _load_for_inference(args)
+    _log(f"serving {args.checkpoint} ({model.num_parameters():,} parameters, tokenizer {model.tokenizer.name}) "
+         f"on http://{args.host}:{args.port}; Ctrl-C stops")
+    serve(model, str(args.checkpoint), args.host, args.port)
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -567,7 +592,7 @@ def _classify_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "merge": cmd_merge, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
+COMMANDS = {"finetune": cmd_finetune, "merge": cmd_merge, "serve": cmd_serve, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "chat": cmd_chat,
             "eval": cmd_eval, "validate": cmd_validate, "export": cmd_export, "classify": cmd_classify}
 
 
