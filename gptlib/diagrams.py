@@ -267,3 +267,40 @@ def draw_task_evaluation(n_words: int, n_unseen: int, n_play_words: int, split_s
     ax.text(-1.2, -0.75, "validation steers training (its loss is watched); only test and unseen-word examples are "
             "scored, once, after training", fontsize=8, color="0.3")
     return _drawing(fig, ax, (-1.3, 10.0), (-0.95, 5.5), "which examples each number sees")
+
+
+def draw_last_token(batch: dict, tokenizer, labels: list[str], max_tokens: int = 24, note: str = ""):
+    """Where a GPT classifier reads a padded batch: the hidden state of each row's last real token.
+
+    ``batch`` is a :class:`~gptlib.classify.ClassificationCollator` output; the picked cell is the one
+    :func:`~gptlib.classify.last_token_index` finds, for right and left padding alike.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from .classify import last_token_index
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    last = last_token_index(mask)
+    start = max(0, ids.shape[1] - max_tokens) if bool(mask[:, -1].all()) else 0  # left padding: show the ends
+    cols = min(max_tokens, ids.shape[1])
+    role = mask.clone().long()  # 0 padding, 1 a real token, 2 the token the head reads
+    role[torch.arange(len(ids)), last] = 2
+    window = role[:, start:start + cols]
+    fig, ax = plt.subplots(figsize=(0.5 * cols + 3.2, 0.62 * len(ids) + 1.3))
+    ax.imshow(window.numpy(), cmap=ListedColormap([PADDING, PROMPT, RESPONSE]), vmin=0, vmax=2, aspect="auto")
+    for r in range(len(ids)):
+        for c in range(cols):
+            piece = tokenizer.decode([int(ids[r, start + c])]) if mask[r, start + c] else "pad"
+            ax.text(c, r, _short(piece.replace(" ", "␣"), 5), ha="center", va="center", fontsize=6.5,
+                    family="monospace")
+        label = labels[int(batch["labels"][r])] if "labels" in batch else ""
+        ax.annotate(f"→ cls_head → P({label})" if label else "→ cls_head", xy=(cols - 0.4, r),
+                    xytext=(cols + 0.2, r), va="center", fontsize=8, annotation_clip=False)
+    ax.set_yticks(range(len(ids)), [f"text {r}" for r in range(len(ids))], fontsize=8)
+    ax.set_xticks([])
+    ax.set_xlim(-0.5, cols - 0.5)
+    ax.set_title(f"{note + ': ' if note else ''}the classifier reads one hidden state per text, at its last real "
+                 "token (green); padding (grey) is masked out", fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig

@@ -76,3 +76,16 @@ def test_token_losses_are_the_model_loss_token_by_token(model):
     fig = diagrams.draw_token_losses({"an answer": (pieces, losses)})
     assert len(fig.axes[0].patches) == len(pieces)
     plt.close(fig)
+
+
+def test_the_last_token_picture_marks_what_the_classifier_reads(model):
+    from gptlib.classify import ClassificationCollator, last_token_index
+
+    items = [(model.tokenizer.encode(t), label) for t, label in [("But soft", 0), ("what light through yonder", 1)]]
+    for side in ("right", "left"):
+        batch = ClassificationCollator(64, model.tokenizer.eot_id, padding_side=side)(items)
+        fig = diagrams.draw_last_token(batch, model.tokenizer, ["no", "yes"])
+        shown = torch.as_tensor(fig.axes[0].images[0].get_array())
+        picked = (shown == 2).nonzero()[:, 1]
+        assert picked.tolist() == last_token_index(batch["attention_mask"]).tolist()  # all columns shown here
+        plt.close(fig)
