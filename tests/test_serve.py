@@ -50,14 +50,14 @@ def server(checkpoint):
     while True:  # wait until it answers; the time limit only guards against a hang
         assert proc.poll() is None, proc.communicate()[0]
         try:
-            urllib.request.urlopen(url + "/health", timeout=5)
+            urllib.request.urlopen(url + "/health", timeout=1800)
             break
         except OSError:
-            assert time.time() - start < 600
+            assert time.time() - start < 1800
             time.sleep(0.1)
     yield url
     proc.terminate()
-    proc.communicate(timeout=600)
+    proc.communicate(timeout=1800)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def post(url, body, raw: bytes | None = None):
     data = raw if raw is not None else json.dumps(body).encode()
     request = urllib.request.Request(url + "/generate", data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=600) as response:
+        with urllib.request.urlopen(request, timeout=1800) as response:
             text = response.read().decode()
             return response.status, json.loads(text) if "json" in response.headers["Content-Type"] else text
     except urllib.error.HTTPError as exc:
@@ -78,7 +78,7 @@ def post(url, body, raw: bytes | None = None):
 
 
 def test_health_names_the_model_and_tokenizer(server, model):
-    health = json.loads(urllib.request.urlopen(server + "/health", timeout=600).read())
+    health = json.loads(urllib.request.urlopen(server + "/health", timeout=1800).read())
     assert health["status"] == "ok" and health["tokenizer"]["name"] == model.tokenizer.name
     assert health["tokenizer"]["vocab_size"] == model.tokenizer.vocab_size
     assert health["parameters"] == model.num_parameters()
@@ -117,7 +117,7 @@ def test_fifty_concurrent_requests_are_all_answered_correctly(server, model):
     for prompt, (status, body) in zip(prompts, results):
         assert status == 200
         assert body["text"] == tok.decode(generate(model, tok.encode(prompt), 10)), prompt
-    health = json.loads(urllib.request.urlopen(server + "/health", timeout=600).read())
+    health = json.loads(urllib.request.urlopen(server + "/health", timeout=1800).read())
     assert health["largest_batch"] > 1  # requests that arrived together shared a batch
 
 
