@@ -99,9 +99,10 @@ def read_checkpoint(path, n_heads: int | None = None, drop_rate: float | None = 
     A classifier's file (one that stores label names) is refused unless ``allow_classifier``: it does not
     generate text.
     """
+    from .lora import is_adapter_file
     raw = _torch_load(path) if raw is None else raw
-    if isinstance(raw, dict) and raw.get("format") == "gptlib-lora-adapter":
-        base = (raw.get("base") or {}).get("path") if isinstance(raw.get("base"), dict) else None
+    if is_adapter_file(raw):
+        base = raw["base"].get("path") if isinstance(raw.get("base"), dict) else None
         raise CheckpointError(f"{path}: is a LoRA adapter (for the base {base}), not a full checkpoint; "
                               f"fold it into one first: gptlib merge --adapter {path} --out FULL.pth")
     if not isinstance(raw, dict) or not raw:

@@ -103,13 +103,17 @@ def _check_positive(**values) -> None:
 
 def _resume_checkpoint(paths: RunPaths, data_hash: str, classifier: bool = False):
     ckpt = read_checkpoint(paths.progress, allow_classifier=classifier)
-    state = ckpt.train_state
-    if not state or ckpt.optimizer_state is None:
+    _check_resumable(paths, ckpt.train_state, ckpt.optimizer_state, data_hash)
+    return ckpt
+
+
+def _check_resumable(paths: RunPaths, state: dict, optimizer_state, data_hash: str) -> None:
+    """A progress file can be resumed when it holds training and optimizer state for this data file."""
+    if not state or optimizer_state is None:
         raise UserInputError(f"{paths.progress}: holds no training state to resume from")
     if state.get("data_sha256") not in (None, data_hash):
         raise UserInputError(f"--resume: {paths.progress} was trained on other data (the data file changed); "
                              "start a new run without --resume")
-    return ckpt
 
 
 def _finish(model: GPTModel, result, paths: RunPaths, metrics: dict, title: str) -> dict:
@@ -154,7 +158,7 @@ class FinetuneOptions:
     lora_rank: int | None = None      # train LoRA adapters of this rank instead of every weight
     lora_alpha: float | None = None   # None: twice the rank
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("qkv", "out_proj")
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
 
 
 def count_trainable(examples, max_length: int, mask_prompt: bool, truncation: str, tokenizer: Tokenizer = GPT2) -> int:
@@ -268,13 +272,9 @@ def _resume_lora(paths: RunPaths, data_hash: str):
     if not is_adapter_file(raw):
         raise UserInputError(f"--resume: {paths.progress} is not a LoRA progress file; drop the --lora flags to "
                              "resume a full fine-tune, or start over without --resume")
-    model, _ = load_adapter(paths.progress, raw, merge=False)
     state = raw.get("train_state") or {}
-    if not state or raw.get("optimizer_state_dict") is None:
-        raise UserInputError(f"{paths.progress}: holds no training state to resume from")
-    if state.get("data_sha256") not in (None, data_hash):
-        raise UserInputError(f"--resume: {paths.progress} was trained on other data (the data file changed); "
-                             "start a new run without --resume")
+    _check_resumable(paths, state, raw.get("optimizer_state_dict"), data_hash)
+    model, _ = load_adapter(paths.progress, raw, merge=False)
     return model, Checkpoint(model.config, model.state_dict(), raw["optimizer_state_dict"], dict(state),
                              tokenizer=model.tokenizer)
 
