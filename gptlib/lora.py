@@ -17,7 +17,7 @@ merges them (see :func:`load_adapter`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -64,7 +64,6 @@ class AdapterInfo:
     config: LoRAConfig
     base_path: str | None = None
     base_sha256: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class LoRALinear(nn.Module):

@@ -92,7 +92,7 @@ class Batcher:
         self.model, self.max_batch, self.wait_seconds = model, max_batch, wait_seconds
         self.queue: asyncio.Queue | None = None
         self.lock = asyncio.Lock()  # streams and batches take turns on the model
-        self.batches: list[int] = []  # size of every batch run, for the tests and /health
+        self.largest_batch = 0  # for /health (and the tests): did requests ever share a batch?
 
     async def submit(self, ids: list[int], max_new_tokens: int, settings: SamplingSettings, seed) -> list[int]:
         job = _Job(ids, max_new_tokens, settings, seed, asyncio.get_running_loop().create_future())
@@ -135,7 +135,7 @@ class Batcher:
                 else:
                     outputs = await asyncio.to_thread(generate_batch, self.model, [job.ids for job in group],
                                                       longest, group[0].settings)
-            self.batches.append(len(group))
+            self.largest_batch = max(self.largest_batch, len(group))
             for job, ids in zip(group, outputs):
                 job.done.set_result(ids[:job.max_new_tokens])  # greedy tokens do not depend on the limit
         except Exception as exc:  # noqa: BLE001 - handed to each waiting request, which answers 500
@@ -190,7 +190,7 @@ def create_app(model, checkpoint: str = "", max_batch: int = 32):
         return {"status": "ok", "checkpoint": checkpoint, "parameters": model.num_parameters(),
                 "context_length": model.config.context_length,
                 "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
-                "device": str(model.device), "largest_batch": max(batcher.batches, default=0)}
+                "device": str(model.device), "largest_batch": batcher.largest_batch}
 
     @app.post("/generate")
     async def generate(body: GenerateRequest):
