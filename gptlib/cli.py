@@ -34,7 +34,7 @@ EXAMPLES = {
     "eval": "example:\n  gptlib eval --checkpoint checkpoints/sarcasm.pth --data "
             "dataset/sarcasm/sarcasm_instruction_pairs.jsonl --split test --json",
     "validate": "example:\n  gptlib validate --data my_pairs.jsonl --checkpoint checkpoints/pretrained.pth",
-    "tokenizer": "example:\n  gptlib tokenizer --data dataset/pretraining/shakespeare_train.txt --vocab-size 4096 "
+    "tokenizer": "example:\n  gptlib tokenizer --data dataset/pretraining/shakespeare_train.txt --vocab-size 2048 "
                  "--out checkpoints/tokenizer.json\n  gptlib pretrain --data ... --tokenizer checkpoints/tokenizer.json "
                  "--out ...",
     "classify": "examples:\n  gptlib classify train --checkpoint checkpoints/pretrained.pth \\\n"

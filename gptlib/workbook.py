@@ -17,7 +17,7 @@ FAST = os.environ.get("WORKBOOK_FAST", "") not in ("", "0")
 # The workbook's own tokenizer: a byte-level BPE of this many tokens trained on the Shakespeare training text
 # and the instruction template (see workbook_tokenizer).
 # Chosen by measurement (notebook 01 and the README): see WORKBOOK_VOCAB_SIZE's note in the README.
-WORKBOOK_VOCAB_SIZE = 4096
+WORKBOOK_VOCAB_SIZE = 2048
 
 
 def pick(full, fast):

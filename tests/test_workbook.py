@@ -13,11 +13,11 @@ PLAYS = project_root() / "dataset" / "pretraining" / "shakespeare_train.txt"
 @pytest.mark.skipif(not PLAYS.exists(), reason="needs `make data`")
 def test_workbook_tokenizer_knows_the_template_and_splits_digits():
     tokenizer = workbook_tokenizer()
-    assert tokenizer.vocab_size == 4096 and tokenizer.name == "workbook-bpe-4096"
+    assert tokenizer.vocab_size == 2048 and tokenizer.name == "workbook-bpe-2048"
     assert tokenizer.to_dict() == workbook_tokenizer().to_dict()  # the same text always gives the same tokenizer
     prompt = format_prompt("Write the words in reverse order.", "apple river cold")
-    plays_only = train_bpe([PLAYS.read_text(encoding="utf-8")], vocab_size=4096)
-    assert len(tokenizer.encode(prompt)) < 0.7 * len(plays_only.encode(prompt))  # 48 against 81 tokens
+    plays_only = train_bpe([PLAYS.read_text(encoding="utf-8")], vocab_size=2048)
+    assert len(tokenizer.encode(prompt)) < 0.7 * len(plays_only.encode(prompt))  # 48 against 93 tokens
     pieces = [tokenizer.decode([i]) for i in tokenizer.encode("What is 57 plus 168?")]
     assert pieces[2:] == [" ", "5", "7", " plus", " ", "1", "6", "8", "?"]
 
