@@ -190,3 +190,51 @@ def _greedy_by_full_forward(model, prompt, n):
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def _shared_prefix_batch(prefix=12, b=4, t=20, vocab=50257):
+    """Rows that start with the same ``prefix`` tokens (an instruction batch's prompt header), right-padded."""
+    ids, labels = _batch(b=b, t=t, vocab=vocab)
+    ids[:, :prefix] = ids[0, :prefix]
+    ids[2, 16:] = 50256                       # a shorter row: right padding
+    labels[2, 15:] = IGNORE_INDEX
+    return ids, labels
+
+
+@pytest.mark.parametrize("labels_in_prefix", [False, True])
+def test_shared_prefix_is_computed_once_with_the_same_loss_and_gradients(labels_in_prefix):
+    from gptlib.model import shared_prefix_length
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config()).train()    # drop_rate 0: the shared path is exact, so it is used
+    ids, labels = _shared_prefix_batch()
+    if labels_in_prefix:
+        labels[:, 3] = ids[:, 4]              # a label inside the shared part must be graded in every row
+    assert shared_prefix_length(ids) == 12
+    twin = copy.deepcopy(model)
+    ours = model.loss(ids, labels)
+    ours.backward()
+    ref = _plain_loss(twin, ids, labels)
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_shared_prefix_is_not_used_while_dropout_runs():
+    """With dropout every row needs its own masks: the loss equals the plain path's under the same random state."""
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(drop_rate=0.5)).train()
+    ids, labels = _shared_prefix_batch()
+    torch.manual_seed(1)
+    ours = model.loss(ids, labels)
+    torch.manual_seed(1)
+    assert ours.item() == pytest.approx(_plain_loss(model, ids, labels).item(), rel=1e-5)
+
+
+def test_shared_prefix_length_leaves_a_token_per_row():
+    from gptlib.model import shared_prefix_length
+
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    assert shared_prefix_length(ids) == 2
+    assert shared_prefix_length(torch.tensor([[5, 6], [4, 6]])) == 0
