@@ -6,7 +6,7 @@
 Generates the greedy answers of the chosen examples with ``--batch-size 1`` (each prompt alone, as before batched
 generation) and then with each larger batch size, checks that every answer is the same, and prints examples per
 second and the speed-up. Defaults: ``checkpoints/instruct.pth`` and the ``checkpoints/tasks.jsonl`` that notebook 05
-writes (run ``make run`` first), test split, 700 examples, answers up to 24 tokens: exactly what notebook 05 scores.
+writes (run ``make run`` first), test split (2,100 examples), answers up to 24 tokens: exactly what notebook 05 scores.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "instruct.pth")
     parser.add_argument("--data", type=Path, default=ROOT / "checkpoints" / "tasks.jsonl")
     parser.add_argument("--split", choices=("all", "train", "val", "test"), default="test")
-    parser.add_argument("--limit", type=int, default=700)
+    parser.add_argument("--limit", type=int, help="score at most this many (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 256])
     args = parser.parse_args(argv)
