@@ -58,13 +58,13 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (a batch generation drops the rows that have finished); copies only the
-        stored part."""
+        """Keep only these batch rows (a batch generation drops the rows that have finished), in place: the kept
+        rows' stored part moves to the front of the same buffers, which then shrink to a view of that front."""
+        n, end = len(rows), self.length
         for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_empty((old.shape[0], len(rows), *old.shape[2:]))
-            new[:, :, :, :self.length] = old[:, rows, :, :self.length]
-            setattr(self, name, new)
+            buffer = getattr(self, name)
+            buffer[:, :n, :, :end] = buffer[:, rows, :, :end]  # the right side is gathered first, then written
+            setattr(self, name, buffer[:, :n])
 
 
 class SharedPrefix:
