@@ -184,6 +184,16 @@ def test_benchmark_runs_quick_mode_end_to_end():
         assert row in out.stdout
 
 
+def test_decode_benchmark_runs_and_fp32_variants_agree():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--config", "tiny",
+                          "--tokens", "8", "--repeats", "1", "--no-compile"],
+                         capture_output=True, text=True, timeout=1800, cwd=ROOT)  # a guard against a hang only
+    assert out.returncode == 0, out.stderr[-2000:]
+    one_thread = next(line for line in out.stdout.splitlines() if line.startswith("| fp32, eager, 1 thread"))
+    assert one_thread.endswith("| 8/8 |")  # fewer threads must not change a greedy token
+    assert "LM head matrix-vector product, bfloat16" in out.stdout
+
+
 def _greedy_by_full_forward(model, prompt, n):
     ids = list(prompt)
     with torch.no_grad():
