@@ -37,6 +37,18 @@ def _plain_loss(model, ids, labels):
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def _assert_same_loss_and_gradients_as_plain(model, ids, labels):
+    """model.loss against _plain_loss on a copy of the model: the same value and the same gradients."""
+    twin = copy.deepcopy(model)
+    ours = model.loss(ids, labels)
+    ours.backward()
+    ref = _plain_loss(twin, ids, labels)
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
 @pytest.mark.parametrize("row_chunk, vocab_chunk", [(1, 1), (5, 7), (64, 32), (10_000, 10_000), (16, 100)])
 def test_chunked_head_loss_matches_plain_cross_entropy_and_its_gradients(row_chunk, vocab_chunk):
     torch.manual_seed(0)
@@ -88,14 +100,7 @@ def test_model_loss_equals_full_logits_loss_with_same_gradients(monkeypatch, tie
     torch.manual_seed(0)
     model = GPTModel(tiny_config(tie_weights=tie_weights))
     ids, labels = _batch(masked=masked)
-    twin = copy.deepcopy(model)
-    ours = model.loss(ids, labels)
-    ours.backward()
-    ref = _plain_loss(twin, ids, labels)
-    ref.backward()
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    _assert_same_loss_and_gradients_as_plain(model, ids, labels)
 
 
 def test_loss_without_gradients_uses_no_fused_backward_work():
@@ -221,14 +226,7 @@ def test_shared_prefix_is_computed_once_with_the_same_loss_and_gradients(labels_
     if labels_in_prefix:
         labels[:, 3] = ids[:, 4]              # a label inside the shared part must be graded in every row
     assert shared_prefix_length(ids) == 12
-    twin = copy.deepcopy(model)
-    ours = model.loss(ids, labels)
-    ours.backward()
-    ref = _plain_loss(twin, ids, labels)
-    ref.backward()
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    _assert_same_loss_and_gradients_as_plain(model, ids, labels)
 
 
 def test_shared_prefix_is_not_used_while_dropout_runs():
