@@ -90,7 +90,8 @@ def finetune(model: GPTModel, steps: int, seed: int, add_copies: int) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size (the workbook uses 2048)")
+    parser.add_argument("--vocab", type=int, help="BPE vocabulary size to pretrain with (default 2048, the "
+                        "workbook's); not with --base, whose checkpoint carries its own tokenizer")
     parser.add_argument("--pretrain-steps", type=int, default=1800, help="notebook 04's steps (default 1800)")
     parser.add_argument("--finetune-steps", type=int, default=22000, help="notebook 05's steps (default 22000)")
     parser.add_argument("--seed", type=int, default=123, help="fine-tuning batch order (notebook 05's SEED)")
@@ -99,10 +100,12 @@ def main(argv=None) -> int:
     parser.add_argument("--base", type=Path, help="skip pretraining: fine-tune this checkpoint (e.g. notebook 04's)")
     parser.add_argument("--out", type=Path, help="also save the fine-tuned model here")
     args = parser.parse_args(argv)
+    if args.base and args.vocab is not None:
+        parser.error("--vocab and --base do not go together: the --base checkpoint's tokenizer sets the vocabulary")
     if args.base:
         model, _ = load_model(args.base)
     else:
-        model = pretrain(args.vocab, args.pretrain_steps)
+        model = pretrain(args.vocab or 2048, args.pretrain_steps)
     finetune(model, args.finetune_steps, args.seed, args.add_copies)
     if args.out:
         save_checkpoint(args.out, model)

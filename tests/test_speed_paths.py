@@ -199,6 +199,13 @@ def test_decode_benchmark_runs_and_fp32_variants_agree():
     assert "LM head matrix-vector product, bfloat16" in out.stdout
 
 
+def test_compare_vocab_refuses_a_vocabulary_with_a_base_checkpoint(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_vocab.py"), "--vocab", "4096",
+                          "--base", str(tmp_path / "any.pth")], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert out.returncode == 2
+    assert "--vocab and --base do not go together" in out.stderr
+
+
 def _greedy_by_full_forward(model, prompt, n):
     ids = list(prompt)
     with torch.no_grad():
