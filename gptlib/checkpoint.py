@@ -203,7 +203,7 @@ def load_model(path, n_heads: int | None = None, device=None, drop_rate: float |
     from .lora import is_adapter_file, load_adapter
     raw = _torch_load(path)
     if is_adapter_file(raw):
-        return load_adapter(path, raw, device=device)
+        return load_adapter(path, raw, device=device, n_heads=n_heads, drop_rate=drop_rate)
     ckpt = read_checkpoint(path, n_heads=n_heads, drop_rate=drop_rate, raw=raw)
     model = GPTModel(config or ckpt.config, tokenizer=ckpt.tokenizer)
     load_weights(model, ckpt.model_state, source=str(path))

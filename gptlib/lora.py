@@ -189,17 +189,26 @@ def find_base(path, base_record: dict, base=None) -> Path:
     return candidate
 
 
-def load_adapter(path, raw: dict | None = None, base=None, merge: bool = True, device=None):
+def load_adapter(path, raw: dict | None = None, base=None, merge: bool = True, device=None,
+                 n_heads: int | None = None, drop_rate: float | None = None):
     """Load the base an adapter file records (checked by sha256), add the adapters, and by default merge them.
 
     Returns ``(model, checkpoint of the base)``. With ``merge=False`` the model keeps its adapters (to train on).
+    The adapter file also records its base's config, so a base without one (an "LLMs from scratch" file) needs no
+    ``n_heads``; one given must agree with the record.
     """
     from .checkpoint import _torch_load, check_finite_tensors, load_model
     raw = _torch_load(path) if raw is None else raw
     config, base_record, state = read_adapter(path, raw)
     check_finite_tensors(path, state, None)
     base_path = find_base(path, base_record, base)
-    model, ckpt = load_model(base_path)
+    recorded = raw.get("config") if isinstance(raw.get("config"), dict) else {}
+    recorded_heads, recorded_drop = recorded.get("n_heads"), recorded.get("drop_rate")
+    if n_heads is not None and isinstance(recorded_heads, int) and n_heads != recorded_heads:
+        raise CheckpointError(f"{path}: the adapter was trained on a base with {recorded_heads} attention heads, "
+                              f"but n_heads={n_heads} was given (--n-heads); leave it out, the adapter records it")
+    model, ckpt = load_model(base_path, n_heads=n_heads if n_heads is not None else recorded_heads,
+                             drop_rate=drop_rate if drop_rate is not None else recorded_drop)
     add_lora(model, config)
     model.lora.base_path, model.lora.base_sha256 = str(base_path.resolve()), base_record.get("sha256")
     expected = adapter_state_dict(model)

@@ -132,6 +132,31 @@ def test_finetune_with_lora_end_to_end(workdir, capsys):
         assert code_of(argv) == 0, capsys.readouterr().err
 
 
+def test_an_adapter_on_a_from_scratch_base_needs_no_n_heads_after_training(workdir, tmp_path, capsys):
+    """An "LLMs from scratch" file has no config, so finetune takes --n-heads; the adapter records it for later."""
+    from test_cli import scratch_state
+    base, _ = load_model(workdir / "base.pth")
+    torch.save(scratch_state(base), tmp_path / "scratch.pth")
+    heads = str(tiny_config().n_heads)
+    out = tmp_path / "lora.pth"
+    assert code_of(["finetune", "--checkpoint", tmp_path / "scratch.pth", "--n-heads", heads, "--data",
+                    workdir / "pairs.jsonl", "--out", out, "--max-steps", "2", "--lora-rank", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = load_model(out)[0].eval()(ids)
+    for argv in (["generate", "--checkpoint", out, "hello", "--max-new-tokens", "3"],
+                 ["generate", "--checkpoint", out, "--n-heads", heads, "hello", "--max-new-tokens", "3"],
+                 ["merge", "--adapter", out, "--out", tmp_path / "merged.pth"]):
+        assert code_of(argv) == 0, capsys.readouterr().err
+    merged, _ = load_model(tmp_path / "merged.pth")
+    torch.testing.assert_close(merged.eval()(ids), expected)
+    capsys.readouterr()
+    wrong = str(2 * tiny_config().n_heads)
+    assert code_of(["generate", "--checkpoint", out, "--n-heads", wrong, "hello", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and f"{heads} attention heads" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--lora-rank", "0"], "must be positive"),
     (["--lora-targets", "qkv,nonsense"], "unknown layer"),
