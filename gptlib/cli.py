@@ -153,8 +153,11 @@ def build_parser() -> Parser:
     g.add_argument("--lora-alpha", type=positive_float, metavar="A", help="adapter scale is A/R (default: 2R)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (0.0)")
     g.add_argument("--lora-targets", type=_lora_targets, default=("qkv", "out_proj"), metavar="LAYERS",
-                   help="comma-separated layers of every block to adapt: qkv, out_proj (attention; the default), "
-                        "fc, proj (the MLP)")
+                   help="comma-separated layers to adapt: qkv, out_proj (attention, in every block; the default), "
+                        "fc, proj (the MLP), emb (the token embedding, and a head tied to it: for text whose words "
+                        "the base rarely saw)")
+    g.add_argument("--lora-emb-alpha", type=positive_float, metavar="A",
+                   help="the embedding adapter's scale is A/R (default: --lora-alpha)")
 
     p = command("merge", "fold a LoRA adapter into a full checkpoint",
                 "Load the base checkpoint an adapter file records (checked by sha256), add the adapters to its "
@@ -302,7 +305,8 @@ def cmd_finetune(args) -> int:
                            mask_prompt=not args.no_prompt_mask, truncation=args.truncation, drop_rate=args.drop_rate,
                            resume=args.resume, overwrite=args.overwrite, seed=args.seed, device=args.device,
                            precision=args.precision, progress=not args.quiet, lora_rank=args.lora_rank,
-                           lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
+                           lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
+                           lora_emb_alpha=args.lora_emb_alpha)
     return _report(finetune(opts, log=_log))
 
 

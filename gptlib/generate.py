@@ -117,7 +117,7 @@ def stream(model: GPTModel, prompt_ids, max_new_tokens: int = 100, settings: Sam
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.config, 1, device=model.device, dtype=model.tok_emb.weight.dtype) if use_cache else None
+        cache = KVCache(model.config, 1, device=model.device, dtype=model.pos_emb.weight.dtype) if use_cache else None
         logits = _next_logits(model, ids[None], cache)
         for _ in range(max_new_tokens):
             token = next_token(logits, settings, buffer[:n], generator)
@@ -239,7 +239,7 @@ def _prefill(model: GPTModel, tokens: list[list[int]]) -> tuple[torch.Tensor, to
     """
     device, n = model.device, len(tokens)
     shared = min(_common_prefix_length(tokens), min(len(row) for row in tokens) - 1)  # each row keeps a token
-    cache = KVCache(model.config, n, device=device, dtype=model.tok_emb.weight.dtype)
+    cache = KVCache(model.config, n, device=device, dtype=model.pos_emb.weight.dtype)
     if n > 1 and shared > 0:
         prefix = KVCache(model.config, 1, max_len=shared, device=device, dtype=cache.keys.dtype)
         model.hidden_states(torch.tensor([tokens[0][:shared]], device=device), kv_cache=prefix)

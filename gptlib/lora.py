@@ -10,6 +10,9 @@ adapters only (an *adapter file*), with the path and sha256 of the base checkpoi
     ... train(model, ...) ...           # saves an adapter file wherever it saves a checkpoint
     merge_lora(model)                   # fold B A into W: a plain GPTModel again, as fast as the base
 
+The token embedding can be adapted too (target ``"emb"``, :class:`LoRAEmbedding`): a base that rarely saw the
+fine-tuning text's words needs new embeddings, which adapters on the blocks alone cannot give it.
+
 ``load_model`` reads an adapter file directly: it loads the recorded base, checks its sha256, adds the adapters and
 merges them (see :func:`load_adapter`).
 """
@@ -28,8 +31,10 @@ from .files import file_sha256
 
 ADAPTER_FORMAT = "gptlib-lora-adapter"
 
-# short name -> the layer inside every transformer block (names as in gptlib.model)
-TARGETS: dict[str, str] = {"qkv": "att.qkv", "out_proj": "att.out_proj", "fc": "ff.fc", "proj": "ff.proj"}
+# short name -> the layer inside every transformer block (names as in gptlib.model); "emb" is the token embedding
+TARGETS: dict[str, str] = {"qkv": "att.qkv", "out_proj": "att.out_proj", "fc": "ff.fc", "proj": "ff.proj",
+                           "emb": "tok_emb"}
+BLOCK_TARGETS = ("qkv", "out_proj", "fc", "proj")
 DEFAULT_TARGETS = ("qkv", "out_proj")  # the attention projections, as the LoRA paper adapted
 
 
@@ -39,9 +44,12 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    emb_alpha: float | None = None  # the token embedding's adapter scale is emb_alpha / rank (default: alpha)
 
     def __post_init__(self):
         self.targets = tuple(dict.fromkeys(self.targets))
+        if self.emb_alpha is not None and not self.emb_alpha > 0:
+            raise UserInputError(f"LoRA embedding alpha must be positive, got {self.emb_alpha!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise UserInputError(f"LoRA rank must be a positive whole number, got {self.rank!r}")
         if not self.alpha > 0:
@@ -55,6 +63,10 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def emb_scaling(self) -> float:
+        return (self.alpha if self.emb_alpha is None else self.emb_alpha) / self.rank
 
 
 @dataclass
@@ -92,13 +104,66 @@ class LoRALinear(nn.Module):
         return self.base
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` plus a trainable low-rank update: row ``i`` gains ``scaling * B A[:, i]``.
+
+    As in ``peft``, ``A`` (rank x vocab) starts at zero and ``B`` (dim x rank) at random, so training starts from the
+    base model. A row lookup in ``A`` costs nothing per token, so adapting a 50,000-row vocabulary is cheap.
+    ``weight`` is the whole adapted matrix, which a tied LM head reads (see :class:`TiedLoRAHead`).
+    """
+
+    def __init__(self, base: nn.Embedding, rank: int, scaling: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+        self.scaling = scaling
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.zeros(rank, base.num_embeddings, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.embedding_dim, rank, device=weight.device, dtype=weight.dtype))
+        nn.init.normal_(self.lora_B, generator=generator)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        update = nn.functional.embedding(ids, self.lora_A.T) @ self.lora_B.T  # (..., rank) @ (rank, dim)
+        return self.base(ids) + self.scaling * update
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A).T
+
+    def merged(self) -> nn.Embedding:
+        with torch.no_grad():
+            self.base.weight += self.scaling * (self.lora_B @ self.lora_A).T.to(self.base.weight.dtype)
+        return self.base
+
+
+class TiedLoRAHead(nn.Module):
+    """The LM head of a model whose head is tied to an adapted token embedding: it reads the adapted matrix, so the
+    adapter acts on both ends of the model, exactly as the merged weights will."""
+
+    def __init__(self, base: nn.Linear, embedding: LoRAEmbedding):
+        super().__init__()
+        self.base = base  # its weight is the embedding's base weight (frozen); merging updates both in place
+        self._embedding = (embedding,)  # a tuple: not a second registered copy of the embedding's parameters
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h, self.weight)
+
+    def merged(self) -> nn.Linear:
+        return self.base
+
+
 def _target_layers(model, targets) -> list[tuple[nn.Module, str, str]]:
-    """(parent module, attribute name, full name) of every layer to adapt, block by block."""
+    """(parent module, attribute name, full name) of every block layer to adapt, block by block."""
     layers = []
     for b, block in enumerate(model.blocks):
         for target in targets:
-            parent_name, attr = TARGETS[target].split(".")
-            layers.append((getattr(block, parent_name), attr, f"blocks.{b}.{TARGETS[target]}"))
+            if target in BLOCK_TARGETS:
+                parent_name, attr = TARGETS[target].split(".")
+                layers.append((getattr(block, parent_name), attr, f"blocks.{b}.{TARGETS[target]}"))
     return layers
 
 
@@ -117,6 +182,11 @@ def add_lora(model, config: LoRAConfig | None = None, base=None, seed: int = 0) 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for parent, attr, _ in _target_layers(model, config.targets):
         setattr(parent, attr, LoRALinear(getattr(parent, attr), config.rank, config.alpha, config.dropout, generator))
+    if "emb" in config.targets:
+        tied = model.out_head.weight is model.tok_emb.weight
+        model.tok_emb = LoRAEmbedding(model.tok_emb, config.rank, config.emb_scaling, generator)
+        if tied:
+            model.out_head = TiedLoRAHead(model.out_head, model.tok_emb)
     info = AdapterInfo(config)
     if base is not None:
         info.base_path, info.base_sha256 = str(Path(base).resolve()), file_sha256(Path(base))
@@ -139,6 +209,10 @@ def merge_lora(model):
         raise UserInputError("this model has no LoRA adapters to merge")
     for parent, attr, _ in _target_layers(model, model.lora.config.targets):
         setattr(parent, attr, getattr(parent, attr).merged())
+    if isinstance(model.tok_emb, LoRAEmbedding):
+        model.tok_emb = model.tok_emb.merged()
+    if isinstance(model.out_head, TiedLoRAHead):
+        model.out_head = model.out_head.merged()
     model.lora = None
     model.requires_grad_(True)
     return model
@@ -160,7 +234,9 @@ def read_adapter(path, raw: dict) -> tuple[LoRAConfig, dict, dict]:
     """Check an adapter file's fields; return (LoRA config, base record, adapter tensors)."""
     try:
         lora = dict(raw["lora"])
-        config = LoRAConfig(int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), tuple(lora["targets"]))
+        emb_alpha = lora.get("emb_alpha")  # absent in files written before embedding adapters existed
+        config = LoRAConfig(int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), tuple(lora["targets"]),
+                            None if emb_alpha is None else float(emb_alpha))
         base, state = dict(raw["base"]), raw["adapter_state_dict"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: an adapter file with a missing or malformed field ({exc})") from None

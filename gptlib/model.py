@@ -313,7 +313,7 @@ class GPTModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tok_emb.weight.device
+        return self.pos_emb.weight.device  # never adapted (a LoRA embedding's weight is computed on each read)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameters counted once each (a tied head is not counted twice)."""

@@ -159,6 +159,7 @@ class FinetuneOptions:
     lora_alpha: float | None = None   # None: twice the rank
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_emb_alpha: float | None = None  # None: lora_alpha
 
 
 def count_trainable(examples, max_length: int, mask_prompt: bool, truncation: str, tokenizer: Tokenizer = GPT2) -> int:
@@ -224,7 +225,8 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
         f"{resolve_precision(device, opts.precision)}")
     trainable = model.num_parameters(trainable_only=True)
     if lora is not None:
-        log(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {trainable:,} trainable "
+        emb = f" (embedding {lora.emb_alpha:g})" if lora.emb_alpha is not None else ""
+        log(f"LoRA rank {lora.rank}, alpha {lora.alpha:g}{emb} on {', '.join(lora.targets)}: {trainable:,} trainable "
             f"parameters ({trainable / model.num_parameters():.2%}); OUT will hold the adapters only")
 
     if resume is not None:
@@ -250,19 +252,22 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
                "test_perplexity_before": perplexity(test_before), "test_perplexity_after": perplexity(test_after),
                "precision": result.precision, "trainable_parameters": trainable, "options": _plain_options(opts)}
     if lora is not None:
-        metrics["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
-                           "targets": list(lora.targets), "base_sha256": model.lora.base_sha256}
+        metrics["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "emb_alpha": lora.emb_alpha,
+                           "dropout": lora.dropout, "targets": list(lora.targets), "base_sha256": model.lora.base_sha256}
     return _finish(model, result, paths, metrics, title=f"Fine-tuning on {opts.data.name}")
 
 
 def _lora_config(opts: FinetuneOptions) -> LoRAConfig | None:
     """The run's LoRA settings, or None for a full fine-tune (LoRA flags without --lora-rank are an error)."""
     if opts.lora_rank is None:
-        if opts.lora_alpha is not None or opts.lora_dropout or tuple(opts.lora_targets) != DEFAULT_TARGETS:
-            raise UserInputError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank")
+        if (opts.lora_alpha is not None or opts.lora_dropout or tuple(opts.lora_targets) != DEFAULT_TARGETS
+                or opts.lora_emb_alpha is not None):
+            raise UserInputError("--lora-alpha, --lora-emb-alpha, --lora-dropout and --lora-targets need --lora-rank")
         return None
+    if opts.lora_emb_alpha is not None and "emb" not in opts.lora_targets:
+        raise UserInputError("--lora-emb-alpha sets the embedding adapter's scale: add emb to --lora-targets")
     alpha = 2.0 * opts.lora_rank if opts.lora_alpha is None else opts.lora_alpha
-    return LoRAConfig(opts.lora_rank, alpha, opts.lora_dropout, tuple(opts.lora_targets))
+    return LoRAConfig(opts.lora_rank, alpha, opts.lora_dropout, tuple(opts.lora_targets), opts.lora_emb_alpha)
 
 
 def _resume_lora(paths: RunPaths, data_hash: str):

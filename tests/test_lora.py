@@ -86,6 +86,40 @@ def test_the_merged_checkpoint_gives_the_logits_of_base_plus_adapter(workdir, tm
     assert not any(isinstance(m, LoRALinear) for m in merged_file.modules())
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_embedding_adapter_trains_only_itself_and_merges_to_the_same_logits(workdir, tmp_path, tied):
+    """Target "emb": the token embedding gets an adapter, and a head tied to it reads the adapted matrix too, so the
+    model before merging, the fresh load of its file and the merged checkpoint all agree."""
+    base_path = workdir / "base.pth"
+    if tied:
+        torch.manual_seed(0)
+        base_path = tmp_path / "tied.pth"
+        save_checkpoint(base_path, GPTModel(tiny_config(context_length=128, tie_weights=True)))
+    model, _ = load_model(base_path)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    add_lora(model, LoRAConfig(rank=4, targets=("qkv", "emb"), emb_alpha=2), base=base_path)
+    loader = instruction_loader(load_jsonl(workdir / "pairs.jsonl"), 4, 128, seed=0)
+    train(model, loader, cfg=TrainConfig(max_steps=4, lr=1e-2, warmup_steps=0, eval_every=4, progress=False,
+                                         precision="fp32"))
+    model.eval()
+    assert torch.equal(model.tok_emb.base.weight, before["tok_emb.weight"])
+    assert not model.tok_emb.lora_A.eq(0).all()  # A starts at zero; training moved it
+    ids = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        unmerged = model(ids)
+        head = before["tok_emb.weight" if tied else "out_head.weight"]  # a tied head is listed once, as tok_emb
+        plain_head = torch.nn.functional.linear(model.hidden_states(ids), head)
+    assert (unmerged - plain_head).abs().max() > 1e-3 if tied else torch.allclose(unmerged, plain_head, atol=1e-5)
+
+    save_checkpoint(tmp_path / "adapter.pth", model)
+    assert code_of(["merge", "--adapter", tmp_path / "adapter.pth", "--out", tmp_path / "merged.pth"]) == 0
+    fresh, merged_file = load_model(tmp_path / "adapter.pth")[0], load_model(tmp_path / "merged.pth")[0]
+    with torch.no_grad():
+        for other in (fresh.eval(), merged_file.eval(), merge_lora(model)):
+            torch.testing.assert_close(other(ids), unmerged, atol=1e-5, rtol=1e-5)
+    assert (merged_file.out_head.weight is merged_file.tok_emb.weight) == tied
+
+
 def code_of(argv):
     return main([str(a) for a in argv])
 
@@ -162,6 +196,8 @@ def test_an_adapter_on_a_from_scratch_base_needs_no_n_heads_after_training(workd
     (["--lora-targets", "qkv,nonsense"], "unknown layer"),
     (["--lora-alpha", "4"], "need --lora-rank"),
     (["--lora-rank", "4", "--lora-dropout", "1.5"], "dropout must be in [0, 1)"),
+    (["--lora-emb-alpha", "2"], "need --lora-rank"),
+    (["--lora-rank", "4", "--lora-emb-alpha", "2"], "add emb to --lora-targets"),
 ])
 def test_bad_lora_flags(workdir, capsys, argv, expected):
     out = workdir / "bad" / "x.pth"
@@ -212,16 +248,20 @@ def test_lora_forward_equals_peft_on_the_exported_model(workdir):
 
     base, _ = load_model(workdir / "base.pth")
     hf_model = to_hf(base)
-    model = trained_adapter(workdir, targets=("qkv", "out_proj", "fc", "proj"))
+    model = trained_adapter(workdir, targets=("qkv", "out_proj", "fc", "proj", "emb"), emb_alpha=2)
     config = model.lora.config
     peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, fan_in_fan_out=True,  # GPT-2's Conv1D layers
-        target_modules=["c_attn", "c_proj", "c_fc"]))
+        target_modules=["c_attn", "c_proj", "c_fc", "wte"], alpha_pattern={"wte": config.emb_alpha}))
     theirs = dict(peft_model.named_parameters())
     with torch.no_grad():
-        for name, tensor in adapter_state_dict(model).items():  # blocks.0.att.qkv.lora_A
-            _, block, parent, layer, which = name.split(".")
-            target = f"base_model.model.transformer.h.{block}.{HF_NAMES[layer]}.{which}.default.weight"
+        for name, tensor in adapter_state_dict(model).items():  # blocks.0.att.qkv.lora_A, tok_emb.lora_A
+            if name.startswith("tok_emb."):  # peft's embedding adapter: the same A (rank x vocab) and B (dim x rank)
+                which = name.split(".")[-1].replace("lora_", "lora_embedding_")
+                target = f"base_model.model.transformer.wte.{which}.default"
+            else:
+                _, block, parent, layer, which = name.split(".")
+                target = f"base_model.model.transformer.h.{block}.{HF_NAMES[layer]}.{which}.default.weight"
             assert theirs[target].shape == tensor.shape, target
             theirs[target].copy_(tensor)
     ids = torch.randint(0, 50257, (2, 24))
