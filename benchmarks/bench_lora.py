@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lora.py                      # seed-small, rank 8 on the attention projections
     python benchmarks/bench_lora.py --preset tiny --rank 4 --json
+    python benchmarks/bench_lora.py --targets qkv,out_proj,fc,proj,emb --emb-alpha 4   # notebook 07's adapters
 
 Each mode runs in a fresh process, so its peak resident memory (the kernel's ``ru_maxrss``) belongs to it alone:
 the process builds the model, then takes ``--steps`` training steps on batches of the sarcasm pairs (batch 8, loss on
@@ -52,7 +53,8 @@ def child(args) -> dict:
         model = GPTModel(preset(args.preset, drop_rate=0.0))
     total = model.num_parameters()
     if args.mode == "lora":
-        add_lora(model, LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(","))))
+        add_lora(model, LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")),
+                                   emb_alpha=args.emb_alpha))
     trainable = model.num_parameters(trainable_only=True)
     examples = load_jsonl(ROOT / "dataset" / "sarcasm" / "sarcasm_instruction_pairs.jsonl")
     loader = instruction_loader(examples, args.batch_size, model.config.context_length, seed=0,
@@ -83,7 +85,8 @@ def main() -> None:
     parser.add_argument("--preset", default="seed-small", help="model size, weights at random (seed-small)")
     parser.add_argument("--checkpoint", help="measure this checkpoint (and its tokenizer) instead of a preset")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--targets", default="qkv,out_proj")
+    parser.add_argument("--targets", default="qkv,out_proj", help="as gptlib finetune --lora-targets (qkv,out_proj)")
+    parser.add_argument("--emb-alpha", type=float, help="the embedding adapter's alpha, with emb in --targets")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -96,7 +99,8 @@ def main() -> None:
     for mode in ("full", "lora"):
         argv = [sys.executable, __file__, "--mode", mode, "--preset", args.preset, "--rank", str(args.rank),
                 *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
-                "--targets", args.targets, "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+                "--targets", args.targets, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                *(["--emb-alpha", str(args.emb_alpha)] if args.emb_alpha is not None else [])]
         done = subprocess.run(argv, capture_output=True, text=True, check=True)
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     full, lora = results["full"], results["lora"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def pretrain(vocab: int, steps: int) -> GPTModel:
 
 
 def finetune(model: GPTModel, steps: int, seed: int, add_copies: int) -> None:
-    """Notebook 05: the task set (common words minus the unseen tenth, plus the plays' words), replay, 16 per step."""
+    """Notebook 05: the task set (common words minus the unseen tenth, plus the plays' words, with more long sorts),
+    replay, 16 per step."""
     def example(row):
         return Example(row["instruction"], row["input"], row["output"])
 
@@ -54,11 +56,18 @@ def finetune(model: GPTModel, steps: int, seed: int, add_copies: int) -> None:
     test_rows = split.test
     unseen_rows = [r for r in generate_examples(100, seed=99, words=unseen_words) if r["task"] != "add"]
     plays = (project_root() / "dataset/pretraining/shakespeare_train.txt").read_text(encoding="utf-8")
+    play_words = corpus_words(plays, 10, unseen_words)
     held_out = {(r["instruction"], r["input"]) for r in split.val + split.test}
-    extra = [r for r in generate_examples(n_per_task=6000, seed=1, words=corpus_words(plays, 10, unseen_words))
-             if (r["instruction"], r["input"]) not in held_out]
-    rows = split.train + extra
-    rows += [r for r in rows if r["task"] == "add"] * (add_copies - 1)
+    keep = random.Random(5)  # half the repeat and last-word examples, and only sorts of 4 to 6 words (notebook 05)
+    extra = [r for r in generate_examples(n_per_task=6000, seed=1, words=play_words)
+             if (r["instruction"], r["input"]) not in held_out
+             and not (r["task"] in ("repeat", "last_word") and keep.random() < 0.5)
+             and not (r["task"] == "sort" and len(r["input"].split()) < 4)]
+    taken = held_out | {(r["instruction"], r["input"]) for r in extra}
+    long_sorts = [r for r in generate_examples(n_per_task=8000, seed=2, tasks=("sort",), words=play_words)
+                  if len(r["input"].split()) >= 4 and (r["instruction"], r["input"]) not in taken]
+    additions = [r for r in split.train + extra if r["task"] == "add"]
+    rows = split.train + extra + long_sorts + additions * (add_copies - 1)
     tokenizer, context = model.tokenizer, model.config.context_length
     set_seed(seed)
     tasks = instruction_loader([example(r) for r in rows], batch_size=16, max_length=context, seed=seed,

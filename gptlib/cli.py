@@ -142,6 +142,9 @@ def build_parser() -> Parser:
                    "Alpaca instruction/input/output, prompt/response, question/answer, Dolly)")
     p.add_argument("--out", type=Path, required=True, help="the fine-tuned checkpoint to write (.pth)")
     _add_training(p, lr=5e-5, epochs=4, batch_size=8, eval_every=50)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate after warmup: constant (the default, as the seed guide) or cosine, decaying "
+                        "to a tenth of --lr by the last step (notebook 07's LoRA run)")
     p.add_argument("--no-prompt-mask", action="store_true", help="take the loss on prompt tokens too")
     p.add_argument("--truncation", choices=("right", "left"), default="right",
                    help="which end of over-long examples to cut (right: the response's end; left: the prompt's start)")
@@ -301,7 +304,7 @@ def cmd_finetune(args) -> int:
     opts = FinetuneOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, n_heads=args.n_heads,
                            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                            epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
-                           save_every=args.save_every, warmup_steps=args.warmup_steps or 0,
+                           save_every=args.save_every, warmup_steps=args.warmup_steps or 0, schedule=args.schedule,
                            mask_prompt=not args.no_prompt_mask, truncation=args.truncation, drop_rate=args.drop_rate,
                            resume=args.resume, overwrite=args.overwrite, seed=args.seed, device=args.device,
                            precision=args.precision, progress=not args.quiet, lora_rank=args.lora_rank,

@@ -146,6 +146,7 @@ class FinetuneOptions:
     eval_every: int = 50
     save_every: int | None = None
     warmup_steps: int = 0
+    schedule: str = "constant"        # or "cosine" (see gptlib.train.learning_rate)
     mask_prompt: bool = True
     truncation: str = "right"
     drop_rate: float | None = None
@@ -234,7 +235,7 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
     else:
         test_before = evaluate_loss(model, test_loader, device=device)
     cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
-                      betas=(0.9, 0.999), warmup_steps=opts.warmup_steps, schedule="constant",
+                      betas=(0.9, 0.999), warmup_steps=opts.warmup_steps, schedule=opts.schedule,
                       eval_every=opts.eval_every, eval_batches=None, checkpoint_path=str(paths.progress),
                       save_every=opts.save_every, seed=opts.seed, device=str(device),
                       precision=opts.precision, progress=opts.progress)

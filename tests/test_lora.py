@@ -191,6 +191,26 @@ def test_an_adapter_on_a_from_scratch_base_needs_no_n_heads_after_training(workd
     assert err.startswith("error:") and f"{heads} attention heads" in err and "Traceback" not in err
 
 
+def test_finetune_adapts_the_embedding_on_a_cosine_schedule(workdir, capsys):
+    """Notebook 07's adapters from the command line: every block layer and the embedding, lr decaying on a cosine."""
+    out = workdir / "cli" / "lora_emb.pth"
+    out.parent.mkdir(exist_ok=True)
+    code = code_of(["finetune", "--checkpoint", workdir / "base.pth", "--data", workdir / "pairs.jsonl", "--out", out,
+                    "--max-steps", "6", "--eval-every", "2", "--lr", "1e-2", "--schedule", "cosine", "--lora-rank",
+                    "4", "--lora-targets", "qkv,out_proj,fc,proj,emb", "--lora-emb-alpha", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "alpha 8 (embedding 2) on qkv, out_proj, fc, proj, emb" in err
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    config = tiny_config()
+    d = config.emb_dim  # rank 4 x (in + out) for each adapted layer of the 2 blocks, and for the embedding
+    blocks = 2 * 4 * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
+    assert metrics["trainable_parameters"] == blocks + 4 * (config.vocab_size + d)
+    assert metrics["lora"]["emb_alpha"] == 2 and metrics["options"]["schedule"] == "cosine"
+    rates = metrics["history"]["lr"]
+    assert len(rates) >= 3 and all(a > b for a, b in zip(rates, rates[1:]))
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--lora-rank", "0"], "must be positive"),
     (["--lora-targets", "qkv,nonsense"], "unknown layer"),
