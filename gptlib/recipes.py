@@ -228,7 +228,8 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
     if lora is not None:
         emb = f" (embedding {lora.emb_alpha:g})" if lora.emb_alpha is not None else ""
         log(f"LoRA rank {lora.rank}, alpha {lora.alpha:g}{emb} on {', '.join(lora.targets)}: {trainable:,} trainable "
-            f"parameters ({trainable / model.num_parameters():.2%}); OUT will hold the adapters only")
+            f"parameters ({trainable / (model.num_parameters() - trainable):.2%} of the base's); OUT will hold the "
+            "adapters only")
 
     if resume is not None:
         test_before = resume.train_state["test_loss_before"]
