@@ -67,12 +67,21 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The index of the largest logit in each row (the first one on a tie, as ``torch.argmax``).
+
+    ``max(...).indices`` gives the same indices as ``torch.argmax`` but, measured on torch 2.13's CPU kernels,
+    in a third of the time on 50,257 logits (0.9 against 2.4 ms for 64 rows): ~10% of a batched decoding step.
+    """
+    return logits.max(dim=-1).indices
+
+
 def next_token(logits: torch.Tensor, settings: SamplingSettings, seen: torch.Tensor,
                generator: torch.Generator | None = None) -> int:
     """Choose one token from a (vocab,) vector of logits."""
     logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
     if settings.temperature == 0:
-        return int(torch.argmax(logits))
+        return int(_argmax(logits))
     logits = logits / settings.temperature
     if settings.top_k is not None:
         logits = filter_top_k(logits, settings.top_k)
@@ -150,7 +159,7 @@ def next_tokens(logits: torch.Tensor, settings: SamplingSettings, seen: torch.Te
     """Choose one token per row from (rows, vocab) logits: :func:`next_token` for a batch."""
     logits = _penalize_seen(logits.float(), seen, settings.repetition_penalty)
     if settings.temperature == 0:
-        return torch.argmax(logits, dim=-1)
+        return _argmax(logits)
     logits = logits / settings.temperature
     if settings.top_k is not None:
         logits = filter_top_k(logits, settings.top_k)
@@ -164,12 +173,13 @@ def generate_batch(model: GPTModel, prompts, max_new_tokens: int = 100, settings
                    eos_id: int | None | str = "auto", seed: int | None = None) -> list[list[int]]:
     """New token ids for many prompts at once: one list per prompt, in order, each ending before ``eos_id``.
 
-    The prompts are left-padded to one length, so every row's next token sits in the last column; the attention
-    mask keeps padding out of attention and gives each row its own positions. One KV cache serves the batch. Rows
-    that reached end-of-text leave it once they are a quarter of the batch (dropping rows copies the cache, so not
-    one at a time: measured, that copying took a fifth of an evaluation's time). One forward pass then
-    computes a token for every row: matrix products where one prompt at a time does matrix-vector products.
-    Greedy answers equal :func:`generate` on each prompt alone (up to float rounding in near-ties).
+    The prompts are sorted by length and left-padded, so every row's next token sits in the last column; the
+    attention mask keeps padding out of attention and gives each row its own positions. One KV cache serves the
+    batch (filled group by group, see :func:`_prefill`). Rows that reached end-of-text leave it once they are a
+    quarter of the batch (dropping rows copies the cache, so not one at a time: measured, that copying took a fifth
+    of an evaluation's time). One forward pass then computes a token for every row: matrix products where one
+    prompt at a time does matrix-vector products. Greedy answers equal :func:`generate` on each prompt alone (up
+    to float rounding in near-ties).
     """
     settings = settings or SamplingSettings()
     if eos_id == "auto":
@@ -190,11 +200,12 @@ def generate_batch(model: GPTModel, prompts, max_new_tokens: int = 100, settings
     was_training = model.training
     model.eval()
     try:
-        active = list(range(len(rows)))  # which prompts are still in the batch, in batch order
-        tokens = [row[-context_length:] for row in rows]  # each active row's real tokens (the last context's worth)
+        # which prompt each row of the batch holds: shortest first, so that neighbouring rows need little padding
+        active = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        tokens = [rows[i][-context_length:] for i in active]  # each row's real tokens (the last context's worth)
         seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)
-        for i, row in enumerate(rows):
-            seen[i, row] = True
+        for r, i in enumerate(active):
+            seen[r, rows[i]] = True
         logits, mask, cache = _prefill(model, tokens)
         done = [False] * len(active)  # finished rows still in the batch: their tokens are ignored
         for step in range(max_new_tokens):
@@ -230,34 +241,66 @@ def generate_batch(model: GPTModel, prompts, max_new_tokens: int = 100, settings
     return results
 
 
+GROUP_COST = 64
+"""What one more group of rows costs in :func:`_prefill`, in padded tokens (a forward pass of its own; one more
+attention call per layer and decoding step). Measured on seed-small and tiny: see benchmarks/README.md."""
+
+
 def _prefill(model: GPTModel, tokens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
-    """Left-pad ``tokens`` into one batch and run it through a fresh KV cache: (last logits, mask, cache).
+    """Run the prompts ``tokens`` through a fresh KV cache, left-padded: (last logits, mask, cache).
 
     The first tokens that every row shares (a prompt template's header) are computed once, for one row, and their
-    keys and values copied to every row; then each row's own tokens follow, left-padded after the shared part:
-    ``[shared][pad][own]``. The attention mask keeps the padding out and gives every token its true position.
+    keys and values copied to every row. The rows then run in groups of neighbours (:func:`_row_groups`), each
+    padded only to its own longest row, so a row of the cache is ``[group padding][shared][padding][own]`` and
+    every row ends in the same column. The attention mask keeps the padding out and gives every token its true
+    position.
     """
     device, n = model.device, len(tokens)
-    shared = min(_common_prefix_length(tokens), min(len(row) for row in tokens) - 1)  # each row keeps a token
+    shared = min(_common_prefix_length(tokens), min(len(row) for row in tokens) - 1) if n > 1 else 0
     cache = KVCache(model.config, n, device=device, dtype=model.pos_emb.weight.dtype)
-    if n > 1 and shared > 0:
+    if shared > 0:
         prefix = KVCache(model.config, 1, max_len=shared, device=device, dtype=cache.keys.dtype)
         model.hidden_states(torch.tensor([tokens[0][:shared]], device=device), kv_cache=prefix)
-        cache.keys[:, :, :, :shared] = prefix.keys  # (layers, 1, heads, shared, head_dim) to every row
-        cache.values[:, :, :, :shared] = prefix.values
-        cache.length = shared
-    else:
-        shared = 0
     own = [row[shared:] for row in tokens]
     longest = max(len(row) for row in own)
-    ids = torch.zeros(n, longest, dtype=torch.long, device=device)
     mask = torch.zeros(n, shared + longest, dtype=torch.long, device=device)
-    mask[:, :shared] = 1
-    for i, row in enumerate(own):
-        ids[i, longest - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, shared + longest - len(row):] = 1
-    logits = model(ids, attention_mask=mask, kv_cache=cache, last_only=True)[:, -1]
-    return logits, mask, cache
+    last = []  # each row's last hidden state
+    for first, end in _row_groups([len(row) for row in own]):
+        width = max(len(row) for row in own[first:end])
+        first_key = longest - width  # the columns before it hold only padding for these rows
+        group = cache.rows(first, end, first_key)
+        cache.keys[:, first:end, :, :first_key] = 0  # masked out, but read: garbage could hold a NaN, and NaN * 0
+        cache.values[:, first:end, :, :first_key] = 0
+        if shared > 0:
+            group.keys[:, :, :, :shared] = prefix.keys  # (layers, 1, heads, shared, head_dim) to every row
+            group.values[:, :, :, :shared] = prefix.values
+            group.length = shared
+        ids = torch.zeros(end - first, width, dtype=torch.long, device=device)
+        for i, row in enumerate(own[first:end]):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[first + i, first_key:first_key + shared] = 1
+            mask[first + i, shared + longest - len(row):] = 1
+        last.append(model.hidden_states(ids, attention_mask=mask[first:end, first_key:], kv_cache=group)[:, -1])
+    cache.length = shared + longest
+    return model.out_head(torch.cat(last)), mask, cache  # the LM head once: its weights are read once
+
+
+def _row_groups(lengths: list[int], group_cost: int = GROUP_COST) -> list[tuple[int, int]]:
+    """Split rows into runs of neighbours ``[(first, end), ...]`` that minimise the padded tokens (each run padded
+    to its longest row) plus ``group_cost`` per run. Dynamic programming over where the last run starts."""
+    best, start = [0] + [None] * len(lengths), [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        width = 0
+        for first in range(end - 1, -1, -1):
+            width = max(width, lengths[first])
+            cost = best[first] + (end - first) * width + group_cost
+            if best[end] is None or cost < best[end]:
+                best[end], start[end] = cost, first
+    runs, end = [], len(lengths)
+    while end:
+        runs.append((start[end], end))
+        end = start[end]
+    return runs[::-1]
 
 
 def _common_prefix_length(rows: list[list[int]]) -> int:

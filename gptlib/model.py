@@ -57,6 +57,15 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def rows(self, first_row: int, end_row: int, first_key: int = 0) -> "KVCache":
+        """A cache for rows ``first_row:end_row`` whose key 0 is this cache's key ``first_key``: the same memory,
+        so what a forward pass stores through it lands here (batched generation fills its groups this way)."""
+        view = KVCache.__new__(KVCache)
+        view.keys = self.keys[:, first_row:end_row, :, first_key:]
+        view.values = self.values[:, first_row:end_row, :, first_key:]
+        view.max_len, view.length = self.max_len - first_key, 0
+        return view
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a batch generation drops the rows that have finished), in place: the kept
         rows' stored part moves to the front of the same buffers, which then shrink to a view of that front."""

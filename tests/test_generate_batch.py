@@ -130,20 +130,43 @@ def test_eval_json_breaks_the_score_down_by_task(model_with_tokenizer):
     assert [p["task"] for p in scores["predictions"]] == ["repeat", "count", "count"]
 
 
+def test_rows_are_grouped_by_length_to_save_padding():
+    from gptlib.generate import _row_groups
+    assert _row_groups([1, 1, 2, 50, 50, 52], group_cost=10) == [(0, 3), (3, 6)]
+    assert _row_groups([1, 1, 2, 50, 50, 52], group_cost=1000) == [(0, 6)]  # a group costs more than its padding
+    assert _row_groups([5], group_cost=10) == [(0, 1)]
+
+
+def test_prompts_of_very_different_lengths_fill_the_cache_in_groups_and_match_alone(trained_model):
+    from gptlib.generate import GROUP_COST, _row_groups
+    prompts = _prompts([2, 90, 3, 120, 1, 100, 4, 110], seed=9)
+    assert len(_row_groups(sorted(len(p) for p in prompts), GROUP_COST)) > 1  # this test really makes groups
+    eos = generate(trained_model, prompts[6], 10, eos_id=None)[3]  # one row ends early: rows leave a grouped cache
+    assert generate_batch(trained_model, prompts, 10, eos_id=eos) == \
+        [generate(trained_model, p, 10, eos_id=eos) for p in prompts]
+
+
 def test_prompts_sharing_a_header_compute_it_once_and_match_each_prompt_alone():
-    """The shared first tokens are computed for one row and copied: logits must equal each prompt run alone.
+    """The shared first tokens are computed for one row and copied; rows run in groups, each padded to its own
+    longest row. The logits must equal each prompt run alone, for the prompts and for one more token.
 
     An untrained model is used on purpose: its logits depend on every earlier token and position, so a wrong
     position or mask after the shared part shows at once.
     """
-    from gptlib.generate import _prefill
+    from gptlib.generate import GROUP_COST, _prefill, _row_groups
     torch.manual_seed(0)
-    model = GPTModel(tiny_config(vocab_size=VOCAB, context_length=64)).eval()
+    model = GPTModel(tiny_config(vocab_size=VOCAB, context_length=128)).eval()
     header = _prompts([9], seed=7)[0]
-    prompts = [header + tail for tail in _prompts([1, 5, 3, 8], seed=8)] + [header]  # the last: the header alone
+    tails = sorted(_prompts([1, 5, 3, 8, 70, 80, 75], seed=8), key=len)
+    prompts = [header] + [header + tail for tail in tails]  # the first: the header alone
+    groups = _row_groups([len(p) - 8 for p in prompts], GROUP_COST)
+    assert len(groups) == 2  # short rows and long rows
     with torch.no_grad():
         logits, mask, cache = _prefill(model, prompts)
-        assert mask[:, :8].all() and not mask.all()  # 8 shared positions, then left padding before each row's own
+        for first, end in groups:  # each group: its own padding, then the 8 shared positions
+            width = max(len(p) for p in prompts[first:end]) - 8
+            start = mask.shape[1] - 8 - width
+            assert not mask[first:end, :start].any() and mask[first:end, start:start + 8].all()
         alone = torch.stack([model(torch.tensor([p]))[0, -1] for p in prompts])
         torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-4)
         chosen = logits.argmax(-1)  # one more step from the shared cache
