@@ -371,6 +371,13 @@ def main(argv=None) -> int:
                     lambda: outs.__setitem__("b", hf_greedy_batch(hf, prompts, n_batch_gen)), args.repeats)
         agree_rows = sum(x == y for x, y in zip(outs["a"], outs["b"]))
         print(f"batched generation, {rows_in_batch} prompts: {agree_rows}/{rows_in_batch} rows identical with HF")
+        # where the time goes: the prompts (one new token each) against every further decoding step
+        pa, pb = ab(lambda: generate_batch(ours, prompts, 1, eos_id=None), lambda: hf_greedy_batch(hf, prompts, 1),
+                    args.repeats)
+        step_a, step_b = ((med(t) - med(p)) / (n_batch_gen - 1) * 1e3 for t, p in ((ta, pa), (tb, pb)))
+        print(f"  {rows_in_batch} prompts: the prompts take {med(pa):.3f} s (HF {med(pb):.3f} s, "
+              f"{med(pb) / med(pa):.2f}x); each further token {step_a:.1f} ms for the batch (HF {step_b:.1f} ms, "
+              f"{step_b / step_a:.2f}x)")
         n_new = rows_in_batch * n_batch_gen
         rows.append((f"batched greedy generation, {rows_in_batch} prompts x {n_batch_gen} tokens, tokens/s",
                      n_new / med(ta), n_new / med(tb)))
