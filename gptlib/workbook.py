@@ -42,6 +42,15 @@ def checkpoint_dir() -> Path:
     return folder
 
 
+def short_path(path) -> str:
+    """``path`` as a learner would type it: relative to the workbook's folder when it is inside it
+    (``checkpoints/instruct.pth``), else as it is (a fast run's temporary folder)."""
+    try:
+        return str(Path(path).resolve().relative_to(project_root()))
+    except ValueError:
+        return str(path)
+
+
 def show_versions() -> None:
     """Print the versions that matter, so a learner can compare with the outputs shown."""
     import torch
@@ -102,15 +111,15 @@ def load_or_make_pretrained(name: str = "pretrained.pth", quick_steps: int = 150
     path = checkpoint_dir() / name
     if path.exists():
         model, _ = load_model(path)
-        print(f"loaded {path}")
+        print(f"loaded {short_path(path)}")
         return model, path
     quick = checkpoint_dir() / "pretrained_quick.pth"
     if quick.exists():
         model, _ = load_model(quick)
-        print(f"no {path} yet; loaded the quick model {quick}")
+        print(f"no {short_path(path)} yet; loaded the quick model {short_path(quick)}")
         return model, quick
     steps = pick(quick_steps, 5)
-    print(f"no {path} yet (notebook 04 makes it): pretraining a quick stand-in for {steps} steps instead")
+    print(f"no {short_path(path)} yet (notebook 04 makes it): pretraining a quick stand-in for {steps} steps instead")
     set_seed(123)
     text = training_plays()
     tokenizer = workbook_tokenizer()
@@ -140,9 +149,10 @@ def load_or_make_sarcasm(base_model, name: str = "sarcasm.pth"):
     for found in (path, quick):
         if found.exists():
             model, _ = load_model(found)
-            print(f"loaded {found}")
+            print(f"loaded {short_path(found)}")
             return model, found
-    print(f"no {path} yet (notebook 07 makes it): fine-tuning a stand-in with notebook 07's settings instead")
+    print(f"no {short_path(path)} yet (notebook 07 makes it): "
+          "fine-tuning a stand-in with notebook 07's settings instead")
     split = split_examples(load_jsonl(project_root() / "dataset/sarcasm/sarcasm_instruction_pairs.jsonl"), seed=123)
     model = copy.deepcopy(base_model)
     make = dict(max_length=model.config.context_length, tokenizer=model.tokenizer)

@@ -27,3 +27,9 @@ def test_notebooks_train_in_fp32_on_a_cpu():
         assert train_precision() == "auto"
     else:
         assert train_precision() == "fp32"
+
+
+def test_paths_inside_the_project_are_shown_relative_to_it_and_others_as_they_are(tmp_path):
+    from gptlib.workbook import project_root, short_path
+    assert short_path(project_root() / "checkpoints" / "instruct.pth") == "checkpoints/instruct.pth"
+    assert short_path(tmp_path / "x.pth") == str(tmp_path / "x.pth")
