@@ -34,7 +34,7 @@ ADAPTER_FORMAT = "gptlib-lora-adapter"
 # short name -> the layer inside every transformer block (names as in gptlib.model); "emb" is the token embedding
 TARGETS: dict[str, str] = {"qkv": "att.qkv", "out_proj": "att.out_proj", "fc": "ff.fc", "proj": "ff.proj",
                            "emb": "tok_emb"}
-BLOCK_TARGETS = ("qkv", "out_proj", "fc", "proj")
+BLOCK_TARGETS = tuple(name for name in TARGETS if name != "emb")  # the layers inside every block
 DEFAULT_TARGETS = ("qkv", "out_proj")  # the attention projections, as the LoRA paper adapted
 
 
