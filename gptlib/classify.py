@@ -134,7 +134,9 @@ def choose_trainable(model: GPTClassifier, train: str | int = "all") -> int:
     """Freeze all but what ``train`` names; return the number of trainable parameters.
 
     ``"head"``: the classification head only (the GPT is a fixed feature extractor); an integer N: the last N
-    transformer blocks, the final LayerNorm and the head; ``"all"``: every weight.
+    transformer blocks, the final LayerNorm and the head; ``"all"``: every weight the classifier uses. The GPT's
+    LM head is never trained: a classifier does not use it (unless it is tied to the token embedding), and
+    DistributedDataParallel refuses a trainable weight that gets no gradient.
     """
     n_blocks = len(model.blocks)
     if train == "all":
@@ -151,6 +153,8 @@ def choose_trainable(model: GPTClassifier, train: str | int = "all") -> int:
     for part in parts:
         for p in part.parameters():
             p.requires_grad_(True)
+    if model.out_head.weight is not model.tok_emb.weight:
+        model.out_head.weight.requires_grad_(False)
     return model.num_parameters(trainable_only=True)
 
 

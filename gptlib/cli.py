@@ -12,8 +12,13 @@ import re
 import sys
 from pathlib import Path
 
+from . import distributed
 from .errors import UserInputError
 from .guards import check_options
+from .train import PRECISIONS
+
+# the commands that train, and so run unchanged under torchrun (several processes sharing each batch)
+TRAINING_COMMANDS = ("pretrain", "finetune", "classify")
 
 EXAMPLES = {
     "serve": "example:\n  gptlib serve --checkpoint checkpoints/instruct.pth --port 8000\n"
@@ -56,7 +61,8 @@ class Parser(argparse.ArgumentParser):
                                                    re.IGNORECASE)
 
     def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        if distributed.launch_rank() == 0:  # under torchrun every process meets the same flags: one says so
+            sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
         raise SystemExit(2)
 
 
@@ -102,7 +108,8 @@ def _add_sampling(p):
 
 def _add_training(p, lr, epochs, batch_size, eval_every):
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"examples per step ({batch_size})")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"examples per optimizer step ({batch_size}), however many processes share them")
     g.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate ({lr:g})")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
     g.add_argument("--epochs", type=positive_int, default=epochs, help=f"passes over the training data ({epochs})")
@@ -113,9 +120,17 @@ def _add_training(p, lr, epochs, batch_size, eval_every):
     g.add_argument("--save-every", type=positive_int, help="steps between progress saves (default: --eval-every)")
     g.add_argument("--seed", type=int, default=123, help="seed for the split, batch order and dropout (123)")
     g.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto (default): bf16 mixed precision where the hardware does bf16 natively (recent "
-                        "GPUs, CPUs with AVX-512 BF16 or AMX), else fp32")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 mixed precision where the hardware does bf16 natively (GPUs from "
+                        "Ampere on, CPUs with AVX-512 BF16 or AMX); fp16 with a gradient scaler on other CUDA GPUs "
+                        "(T4, V100); else fp32")
+    g.add_argument("--micro-batch-size", type=positive_int, metavar="N",
+                   help="run at most N examples at a time and add up their gradients, when a whole batch (or a "
+                        "process's share of it) does not fit in memory; the step is the same")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (slower to start; on a GPU often faster per step)")
+    g.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="under torchrun: how the processes talk; auto (default) is nccl on GPUs, gloo on CPUs")
     g.add_argument("--resume", action="store_true",
                    help="continue from OUT's progress file (<out>.progress.pth) after a crash or Ctrl-C")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only when the run succeeds)")
@@ -306,8 +321,8 @@ def cmd_finetune(args) -> int:
                            epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
                            save_every=args.save_every, warmup_steps=args.warmup_steps or 0, schedule=args.schedule,
                            mask_prompt=not args.no_prompt_mask, truncation=args.truncation, drop_rate=args.drop_rate,
-                           resume=args.resume, overwrite=args.overwrite, seed=args.seed, device=args.device,
-                           precision=args.precision, progress=not args.quiet, lora_rank=args.lora_rank,
+                           resume=args.resume, overwrite=args.overwrite, seed=args.seed, progress=not args.quiet,
+                           **_hardware(args), lora_rank=args.lora_rank,
                            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
                            lora_emb_alpha=args.lora_emb_alpha)
     return _report(finetune(opts, log=_log))
@@ -359,11 +374,19 @@ def cmd_pretrain(args) -> int:
                            epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every,
                            warmup_steps=50 if args.warmup_steps is None else args.warmup_steps,
                            save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
-                           seed=args.seed, device=args.device, precision=args.precision, progress=not args.quiet)
+                           seed=args.seed, progress=not args.quiet, **_hardware(args))
     return _report(pretrain(opts, log=_log))
 
 
+def _hardware(args) -> dict:
+    """The training flags that say where and how to compute (gptlib.recipes.HardwareOptions)."""
+    return dict(device=args.device, precision=args.precision, micro_batch_size=args.micro_batch_size,
+                compile=args.compile, backend=args.backend)
+
+
 def _report(metrics: dict) -> int:
+    if metrics.get("rank", 0) != 0:  # another process of a torchrun run: rank 0 reports
+        return 130 if metrics.get("interrupted") else 0
     if metrics.get("interrupted"):
         _log(f"interrupted after step {metrics['steps']}; progress saved in {metrics['progress']}: "
              "run the same command with --resume to continue")
@@ -558,8 +581,8 @@ def cmd_classify(args) -> int:
                                  weight_decay=args.weight_decay, epochs=args.epochs, max_steps=args.max_steps,
                                  warmup_steps=20 if args.warmup_steps is None else args.warmup_steps,
                                  eval_every=args.eval_every, patience=args.patience, drop_rate=args.drop_rate,
-                                 resume=args.resume, overwrite=args.overwrite, seed=args.seed, device=args.device,
-                                 precision=args.precision, progress=not args.quiet)
+                                 resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+                                 progress=not args.quiet, **_hardware(args))
         return _report(train_classifier(opts, log=_log))
     if args.action == "predict":
         return _classify_predict(args)
@@ -616,17 +639,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    checked = False  # until then, every process of a torchrun run meets the same error: rank 0 alone says it
     try:
+        _check_launch(args)
         check_options(vars(args))  # NaN, infinities, seeds beyond 64 bits, sizes that cannot fit: before any work
+        checked = True
         return COMMANDS[args.command](args)
+    except distributed.OtherRankFailed as exc:  # another process failed and says why
+        return exc.exit_code
     except UserInputError as exc:
-        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
+        if checked or distributed.launch_rank() == 0:
+            sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        if distributed.launch_rank() == 0:
+            sys.stderr.write("interrupted\n")
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _check_launch(args) -> None:
+    """Under torchrun only the training commands share their work among the processes."""
+    training = args.command in TRAINING_COMMANDS and getattr(args, "action", "train") == "train"
+    if distributed.launched() and not training:
+        command = " ".join(filter(None, ["gptlib", args.command, getattr(args, "action", None)]))
+        raise UserInputError(f"{command} runs in one process; under torchrun run pretrain, finetune or classify "
+                             f"train, and run {command} on its own")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,22 @@ import torch
 from .model import IGNORE_INDEX, GPTModel
 
 
-@torch.no_grad()
 def evaluate_loss(model: GPTModel, loader, max_batches: int | None = None, device=None) -> float:
     """Mean cross-entropy per label over the loader: per labelled token for a language model (every token counts
     the same), per text for a classifier; whatever ``model.loss`` takes the mean over."""
+    total, count = loss_totals(model, loader, max_batches, device)
+    if count == 0:
+        raise ValueError("no labelled tokens to evaluate: every label is -100 or the loader is empty")
+    return total / count
+
+
+@torch.no_grad()
+def loss_totals(model: GPTModel, loader, max_batches: int | None = None, device=None, rank: int = 0,
+                processes: int = 1) -> tuple[float, int]:
+    """The summed loss and the number of labels over the loader's first ``max_batches`` batches (all: None).
+
+    With ``processes`` > 1, only every ``processes``-th of those batches from ``rank`` on: processes that share
+    an evaluation add up their totals (see ``gptlib.distributed.World.sum``)."""
     device = device or model.device
     was_training = model.training
     model.eval()
@@ -22,6 +34,8 @@ def evaluate_loss(model: GPTModel, loader, max_batches: int | None = None, devic
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
+            if i % processes != rank:
+                continue
             batch = {key: value.to(device) for key, value in batch.items()}
             labels = batch["labels"]
             keep = labels != IGNORE_INDEX
@@ -32,9 +46,7 @@ def evaluate_loss(model: GPTModel, loader, max_batches: int | None = None, devic
             count += n
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError("no labelled tokens to evaluate: every label is -100 or the loader is empty")
-    return total / count
+    return total, count
 
 
 def perplexity(loss: float) -> float:

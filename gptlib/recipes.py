@@ -17,7 +17,9 @@ from pathlib import Path
 from .checkpoint import GPTModel, load_model, read_checkpoint, save_checkpoint
 from .config import PRESETS, preset
 from .data import InstructionCollator, InstructionDataset, instruction_loader, window_loader
+from . import distributed
 from .device import pick_device, set_seed
+from .distributed import World
 from .errors import DataError, UserInputError
 from .evaluate import evaluate_loss, perplexity
 from .files import RunLock, atomic_write, file_sha256, same_file
@@ -130,10 +132,38 @@ def _finish(model: GPTModel, result, paths: RunPaths, metrics: dict, title: str)
     return metrics
 
 
+# ---------------------------------------------------------------- how a run uses its hardware
+
+@dataclass(kw_only=True)
+class HardwareOptions:
+    """Where and how a training run computes; shared by every recipe (each command's --device ... flags)."""
+    device: str = "auto"                 # "auto": CUDA, then Apple's MPS, then the CPU (torchrun: each its own GPU)
+    precision: str = "auto"              # see gptlib.train.resolve_precision
+    micro_batch_size: int | None = None  # at most this many examples per forward pass and process (None: all)
+    compile: bool = False                # torch.compile the training step
+    backend: str = "auto"                # under torchrun: gloo on CPUs, nccl on GPUs
+
+
+def _train_config(opts, world: World, **values) -> TrainConfig:
+    """A TrainConfig with the run's hardware options."""
+    return TrainConfig(seed=opts.seed, device=str(world.device), precision=opts.precision,
+                       micro_batch_size=opts.micro_batch_size, compile=opts.compile, progress=opts.progress, **values)
+
+
+def _where(world: World, precision: str) -> str:
+    """"cpu, fp32", or "2 processes on cpu, fp32" under torchrun."""
+    processes = f"{world.size} processes on " if world.distributed else ""
+    return f"{processes}{world.device}, {resolve_precision(world.device, precision)}"
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of a process other than rank 0: rank 0 says it all once."""
+
+
 # ---------------------------------------------------------------- fine-tuning
 
 @dataclass
-class FinetuneOptions:
+class FinetuneOptions(HardwareOptions):
     checkpoint: Path
     data: Path
     out: Path
@@ -153,8 +183,6 @@ class FinetuneOptions:
     resume: bool = False
     overwrite: bool = False
     seed: int = 123
-    device: str = "auto"
-    precision: str = "auto"  # "auto": bf16 mixed precision where the hardware has it, else fp32
     progress: bool = True
     lora_rank: int | None = None      # train LoRA adapters of this rank instead of every weight
     lora_alpha: float | None = None   # None: twice the rank
@@ -173,19 +201,23 @@ def count_trainable(examples, max_length: int, mask_prompt: bool, truncation: st
 def finetune(opts: FinetuneOptions, log=print) -> dict:
     """Fine-tune a checkpoint on instruction data; return the metrics (also written as JSON).
 
-    The run holds a lock beside OUT (``OUT.lock``) from its first look at OUT to its last write.
+    The run holds a lock beside OUT (``OUT.lock``) from its first look at OUT to its last write. Started by
+    torchrun, it trains with the other processes (see gptlib.distributed); rank 0 alone logs and writes, and the
+    other ranks return ``{"rank": rank}``.
     """
-    with RunLock(opts.out) as lock:
-        return _finetune(opts, log, lock)
+    with distributed.session(opts.device, opts.backend) as world, RunLock(opts.out) as lock:
+        return _finetune(opts, log if world.is_main else _quiet, lock if world.is_main else None, world)
 
 
-def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> dict:
+def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None, world: World | None = None) -> dict:
+    world = world or World(device=pick_device(opts.device))
     opts.checkpoint, opts.data, opts.out = Path(opts.checkpoint), Path(opts.data), Path(opts.out)
     check_options(asdict(opts))
     _check_positive(batch_size=opts.batch_size, lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps,
                     eval_every=opts.eval_every, save_every=opts.save_every)
     if opts.weight_decay < 0:
         raise UserInputError(f"--weight-decay must be zero or positive, got {opts.weight_decay}")
+    world.check_batch_size(opts.batch_size)
     paths = check_output(opts.out, [opts.checkpoint, opts.data], opts.overwrite, opts.resume, lock)
     examples = load_jsonl(opts.data)
     split = split_examples(examples, seed=opts.seed)
@@ -213,7 +245,7 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
             f"response to truncation at {max_length} tokens and teach nothing", file=sys.stderr)
 
     set_seed(opts.seed)
-    device = pick_device(opts.device)
+    device = world.device
     model.to(device)
     make = dict(max_length=max_length, mask_prompt=opts.mask_prompt, truncation=opts.truncation, seed=opts.seed,
                 tokenizer=model.tokenizer)  # the checkpoint's own tokenizer, kept in the fine-tuned file
@@ -222,8 +254,8 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
     test_loader = instruction_loader(split.test, opts.batch_size, shuffle=False, **make)
     check_loader_tokens([train_loader, val_loader, test_loader], model.config.vocab_size, opts.data)
     log(f"data: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test examples "
-        f"from {opts.data}; model: {model.num_parameters():,} parameters, tokenizer {model.tokenizer.name}, on {device}, "
-        f"{resolve_precision(device, opts.precision)}")
+        f"from {opts.data}; model: {model.num_parameters():,} parameters, tokenizer {model.tokenizer.name}, on "
+        f"{_where(world, opts.precision)}")
     trainable = model.num_parameters(trainable_only=True)
     if lora is not None:
         emb = f" (embedding {lora.emb_alpha:g})" if lora.emb_alpha is not None else ""
@@ -235,15 +267,14 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
         test_before = resume.train_state["test_loss_before"]
     else:
         test_before = evaluate_loss(model, test_loader, device=device)
-    cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
-                      betas=(0.9, 0.999), warmup_steps=opts.warmup_steps, schedule=opts.schedule,
-                      eval_every=opts.eval_every, eval_batches=None, checkpoint_path=str(paths.progress),
-                      save_every=opts.save_every, seed=opts.seed, device=str(device),
-                      precision=opts.precision, progress=opts.progress)
-    result = train(model, train_loader, val_loader, cfg, resume=resume,
+    cfg = _train_config(opts, world, epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr,
+                        weight_decay=opts.weight_decay, betas=(0.9, 0.999), warmup_steps=opts.warmup_steps,
+                        schedule=opts.schedule, eval_every=opts.eval_every, eval_batches=None,
+                        checkpoint_path=str(paths.progress), save_every=opts.save_every)
+    result = train(model, train_loader, val_loader, cfg, resume=resume, world=world,
                    extra_state={"data_sha256": data_hash, "test_loss_before": test_before})
-    if result.interrupted:
-        return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress)}
+    if result.interrupted or not world.is_main:
+        return _stopped(result, paths, world)
     test_after = evaluate_loss(model, test_loader, device=device)
     log(f"test-split response loss: {test_before:.3f} -> {test_after:.3f} "
         f"(perplexity {perplexity(test_before):.1f} -> {perplexity(test_after):.1f})")
@@ -252,7 +283,8 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None) -> 
                                                       "test": len(split.test)},
                "test_loss_before": test_before, "test_loss_after": test_after,
                "test_perplexity_before": perplexity(test_before), "test_perplexity_after": perplexity(test_after),
-               "precision": result.precision, "trainable_parameters": trainable, "options": _plain_options(opts)}
+               "precision": result.precision, "trainable_parameters": trainable, **_run_facts(result, world),
+               "options": _plain_options(opts)}
     if lora is not None:
         metrics["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "emb_alpha": lora.emb_alpha,
                            "dropout": lora.dropout, "targets": list(lora.targets), "base_sha256": model.lora.base_sha256}
@@ -289,7 +321,7 @@ def _resume_lora(paths: RunPaths, data_hash: str):
 # ---------------------------------------------------------------- pretraining
 
 @dataclass
-class PretrainOptions:
+class PretrainOptions(HardwareOptions):
     data: Path
     out: Path
     preset: str = "tiny"
@@ -314,8 +346,6 @@ class PretrainOptions:
     resume: bool = False
     overwrite: bool = False
     seed: int = 123
-    device: str = "auto"
-    precision: str = "auto"  # "auto": bf16 mixed precision where the hardware has it, else fp32
     progress: bool = True
 
 
@@ -344,13 +374,15 @@ def read_text(path: Path) -> str:
 def pretrain(opts: PretrainOptions, log=print) -> dict:
     """Pretrain a fresh model on plain text; return the metrics (also written as JSON).
 
-    The run holds a lock beside OUT (``OUT.lock``) from its first look at OUT to its last write.
+    The run holds a lock beside OUT (``OUT.lock``) from its first look at OUT to its last write; under torchrun
+    rank 0 alone logs and writes (see :func:`finetune`).
     """
-    with RunLock(opts.out) as lock:
-        return _pretrain(opts, log, lock)
+    with distributed.session(opts.device, opts.backend) as world, RunLock(opts.out) as lock:
+        return _pretrain(opts, log if world.is_main else _quiet, lock if world.is_main else None, world)
 
 
-def _pretrain(opts: PretrainOptions, log=print, lock: RunLock | None = None) -> dict:
+def _pretrain(opts: PretrainOptions, log=print, lock: RunLock | None = None, world: World | None = None) -> dict:
+    world = world or World(device=pick_device(opts.device))
     opts.data, opts.out = Path(opts.data), Path(opts.out)
     check_options(asdict(opts))
     _check_positive(batch_size=opts.batch_size, lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps,
@@ -364,6 +396,7 @@ def _pretrain(opts: PretrainOptions, log=print, lock: RunLock | None = None) -> 
     except ValueError as exc:
         raise UserInputError(f"model size: {exc}") from None
     check_model_fits(config)
+    world.check_batch_size(opts.batch_size)
     if opts.tokenizer is not None and opts.vocab_size is not None:
         raise UserInputError("give --tokenizer (a tokenizer.json) or --vocab-size (train one here), not both")
     inputs = [opts.data] + ([Path(opts.val_data)] if opts.val_data else []) + \
@@ -390,23 +423,23 @@ def _pretrain(opts: PretrainOptions, log=print, lock: RunLock | None = None) -> 
 
     set_seed(opts.seed)
     model = GPTModel(resume.config if resume is not None else config, tokenizer=tokenizer)
-    device = pick_device(opts.device)
     train_loader = window_loader(train_ids, ctx, opts.batch_size, shuffle=True, seed=opts.seed)
     val_loader = window_loader(val_ids, ctx, opts.batch_size, shuffle=False)
     check_loader_tokens([train_loader, val_loader], model.config.vocab_size, opts.data)
     log(f"data: {len(train_ids):,} training and {len(val_ids):,} validation tokens ({tokenizer.name}); model: "
-        f"{model.num_parameters():,} parameters on {device}, {resolve_precision(device, opts.precision)}")
-    cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
-                      warmup_steps=opts.warmup_steps, eval_every=opts.eval_every, eval_batches=opts.eval_batches,
-                      checkpoint_path=str(paths.progress), save_every=opts.save_every, seed=opts.seed,
-                      device=str(device), precision=opts.precision,
-                      progress=opts.progress)
-    result = train(model, train_loader, val_loader, cfg, resume=resume, extra_state={"data_sha256": data_hash})
-    if result.interrupted:
-        return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress)}
+        f"{model.num_parameters():,} parameters on {_where(world, opts.precision)}")
+    cfg = _train_config(opts, world, epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr,
+                        weight_decay=opts.weight_decay, warmup_steps=opts.warmup_steps, eval_every=opts.eval_every,
+                        eval_batches=opts.eval_batches, checkpoint_path=str(paths.progress),
+                        save_every=opts.save_every)
+    result = train(model, train_loader, val_loader, cfg, resume=resume, world=world,
+                   extra_state={"data_sha256": data_hash})
+    if result.interrupted or not world.is_main:
+        return _stopped(result, paths, world)
     metrics = {"command": "pretrain", "data": str(opts.data), "config": model.config.to_dict(),
                "tokens": {"train": len(train_ids), "val": len(val_ids)},
                "final_val_loss": result.history["val_loss"][-1], "precision": result.precision,
+               **_run_facts(result, world),
                "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
                "options": _plain_options(opts)}
     return _finish(model, result, paths, metrics, title=f"Pretraining on {opts.data.name}")
@@ -432,7 +465,7 @@ def _pretrain_tokenizer(opts: PretrainOptions, text: str, log) -> Tokenizer:
 # ---------------------------------------------------------------- classification
 
 @dataclass
-class ClassifierOptions:
+class ClassifierOptions(HardwareOptions):
     checkpoint: Path
     data: Path                # text/label JSONL, or sarcasm pairs (see gptlib.classify.read_classification_data)
     out: Path
@@ -450,8 +483,6 @@ class ClassifierOptions:
     resume: bool = False
     overwrite: bool = False
     seed: int = 123
-    device: str = "auto"
-    precision: str = "auto"
     progress: bool = True
 
 
@@ -461,11 +492,13 @@ def train_classifier(opts: ClassifierOptions, log=print) -> dict:
     The data is split 85/10/5 by group (both answers of a sarcasm pair stay together); the test split's accuracy,
     precision, recall and F1 are reported and written with the checkpoint, which records the label names.
     """
-    with RunLock(opts.out) as lock:
-        return _train_classifier(opts, log, lock)
+    with distributed.session(opts.device, opts.backend) as world, RunLock(opts.out) as lock:
+        return _train_classifier(opts, log if world.is_main else _quiet, lock if world.is_main else None, world)
 
 
-def _train_classifier(opts: ClassifierOptions, log=print, lock: RunLock | None = None) -> dict:
+def _train_classifier(opts: ClassifierOptions, log=print, lock: RunLock | None = None,
+                      world: World | None = None) -> dict:
+    world = world or World(device=pick_device(opts.device))
     from .classify import (GPTClassifier, choose_trainable, classification_loader, predict_proba,
                            read_classification_data, split_by_group)
     from .evaluate import classification_scores
@@ -474,6 +507,7 @@ def _train_classifier(opts: ClassifierOptions, log=print, lock: RunLock | None =
     _check_positive(batch_size=opts.batch_size, lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps,
                     eval_every=opts.eval_every, patience=opts.patience)
     train_part = int(opts.train) if str(opts.train).isdigit() else opts.train
+    world.check_batch_size(opts.batch_size)
     paths = check_output(opts.out, [opts.checkpoint, opts.data], opts.overwrite, opts.resume, lock)
     texts, labels = read_classification_data(opts.data)
     for t in texts:
@@ -495,20 +529,21 @@ def _train_classifier(opts: ClassifierOptions, log=print, lock: RunLock | None =
         set_seed(opts.seed)
         model = GPTClassifier.from_gpt(gpt, labels)
     trainable = choose_trainable(model, train_part)
-    device = pick_device(opts.device)
-    model.to(device)
+    model.to(world.device)
     make = dict(tokenizer=model.tokenizer, max_length=model.config.context_length)
     train_loader = classification_loader(split.train, batch_size=opts.batch_size, seed=opts.seed, **make)
     val_loader = classification_loader(split.val, batch_size=64, shuffle=False, **make)
     log(f"data: {len(split.train)} train / {len(split.val)} validation / {len(split.test)} test texts, labels "
-        f"{labels}; model: {trainable:,} of {model.num_parameters():,} parameters trained ({opts.train}), on {device}")
-    cfg = TrainConfig(epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr, weight_decay=opts.weight_decay,
-                      warmup_steps=opts.warmup_steps, schedule="constant", eval_every=opts.eval_every,
-                      eval_batches=None, patience=opts.patience, checkpoint_path=str(paths.progress),
-                      seed=opts.seed, device=str(device), precision=opts.precision, progress=opts.progress)
-    result = train(model, train_loader, val_loader, cfg, resume=resume, extra_state={"data_sha256": data_hash})
-    if result.interrupted:
-        return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress)}
+        f"{labels}; model: {trainable:,} of {model.num_parameters():,} parameters trained ({opts.train}), on "
+        f"{_where(world, opts.precision)}")
+    cfg = _train_config(opts, world, epochs=opts.epochs, max_steps=opts.max_steps, lr=opts.lr,
+                        weight_decay=opts.weight_decay, warmup_steps=opts.warmup_steps, schedule="constant",
+                        eval_every=opts.eval_every, eval_batches=None, patience=opts.patience,
+                        checkpoint_path=str(paths.progress))
+    result = train(model, train_loader, val_loader, cfg, resume=resume, world=world,
+                   extra_state={"data_sha256": data_hash})
+    if result.interrupted or not world.is_main:
+        return _stopped(result, paths, world)
     predicted = predict_proba(model, [t.text for t in split.test]).argmax(1).tolist()
     scores = classification_scores([t.label for t in split.test], predicted)
     log(f"test split ({len(split.test)} texts): accuracy {scores['accuracy']:.3f}; {labels[1]!r}: precision "
@@ -516,8 +551,21 @@ def _train_classifier(opts: ClassifierOptions, log=print, lock: RunLock | None =
     metrics = {"command": "classify train", "base_checkpoint": str(opts.checkpoint), "data": str(opts.data),
                "data_sha256": data_hash, "labels": labels, "trainable_parameters": trainable,
                "texts": {name: len(getattr(split, name)) for name in ("train", "val", "test")},
-               "test": scores, "precision": result.precision, "options": _plain_options(opts)}
+               "test": scores, "precision": result.precision, **_run_facts(result, world),
+               "options": _plain_options(opts)}
     return _finish(model, result, paths, metrics, title=f"Classifier on {opts.data.name}")
+
+
+def _stopped(result, paths: RunPaths, world: World) -> dict:
+    """What a run returns when it was interrupted (progress saved), or on a process other than rank 0."""
+    if result.interrupted:
+        return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress), "rank": world.rank}
+    return {"rank": world.rank}
+
+
+def _run_facts(result, world: World) -> dict:
+    """How the run computed, for its metrics file: processes, and fp16 steps skipped on overflow."""
+    return {"processes": world.size, "skipped_steps": result.skipped_steps}
 
 
 def _plain_options(opts) -> dict:

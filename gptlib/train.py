@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,9 +28,16 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, load_weights, save_checkpoint
 from .device import fast_bf16, pick_device
+from .distributed import World
 from .errors import CheckpointError, TrainingDiverged, UserInputError
-from .evaluate import evaluate_loss
-from .model import IGNORE_INDEX, GPTModel
+from .evaluate import loss_totals
+from .model import GPTModel
+from .step import StepLoss, batch_loss, label_count, pieces  # noqa: F401 - batch_loss: gptlib.train's before
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# fp16 training skips a step whose gradients overflowed and halves the loss scale; this many in a row is divergence
+MAX_SKIPPED_IN_A_ROW = 25
 
 
 @dataclass
@@ -43,7 +51,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
-    grad_accum: int = 1                   # micro-batches per optimizer step
+    grad_accum: int = 1                   # loader batches per optimizer step
+    micro_batch_size: int | None = None   # at most this many rows per forward pass (None: a process's whole share)
     eval_every: int = 50                  # optimizer steps between evaluations
     eval_batches: int | None = 20         # batches per evaluation (None: the whole loader)
     patience: int | None = None           # stop after this many evaluations without improvement
@@ -51,8 +60,8 @@ class TrainConfig:
     save_every: int | None = None         # steps between saves (default: eval_every)
     seed: int = 123
     device: str = "auto"
-    precision: str = "auto"               # "auto" (bf16 where it is native: see device.fast_bf16), "bf16", "fp32"
-    compile: bool = False                 # torch.compile the model (worth it on a GPU for long runs)
+    precision: str = "auto"               # "auto" (see resolve_precision), "bf16", "fp16" or "fp32"
+    compile: bool = False                 # torch.compile the training step's forward pass (see benchmarks/README)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -65,8 +74,10 @@ class TrainConfig:
             raise UserInputError(f"max_steps must be positive, got {self.max_steps}")
         if self.schedule not in ("cosine", "constant"):
             raise UserInputError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserInputError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise UserInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise UserInputError(f"micro_batch_size must be a positive integer, got {self.micro_batch_size}")
 
 
 @dataclass
@@ -78,7 +89,8 @@ class TrainResult:
     interrupted: bool = False
     seconds: float = 0.0
     step_losses: list[float] = field(default_factory=list)  # training loss of every step of this run
-    precision: str = "fp32"                # what the training steps ran in: "bf16" (mixed) or "fp32"
+    precision: str = "fp32"                # what the training steps ran in: "bf16" or "fp16" (mixed), or "fp32"
+    skipped_steps: int = 0                 # fp16: steps skipped because the scaled gradients overflowed
 
 
 def learning_rate(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -119,35 +131,57 @@ def make_optimizer(model: GPTModel, cfg: TrainConfig, state: dict | None = None)
     return optimizer
 
 
-def batch_loss(model: GPTModel, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Mean loss of one batch on ``device``, and how many tokens had a label.
-
-    A batch from :func:`~gptlib.data.with_replay` also holds ``replay_*`` windows of plain text: their mean loss,
-    times ``replay_weight``, is added (a second forward pass, so neither part is padded to the other's length).
-    """
-    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    loss = model.loss(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
-    n_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-    if "replay_input_ids" in batch:
-        replay = model.loss(batch["replay_input_ids"], batch["replay_labels"])
-        loss = loss + batch["replay_weight"] * replay
-        n_tokens += int((batch["replay_labels"] != IGNORE_INDEX).sum())
-    return loss, n_tokens
-
-
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """"bf16" or "fp32": what ``precision`` means on ``device``. "auto" is bf16 mixed precision where the hardware
-    does bf16 natively (measured 1.2-1.5x faster per training step on an AVX-512 BF16 CPU: benchmarks/), else fp32."""
-    if precision == "auto":
-        return "bf16" if fast_bf16(device) else "fp32"
-    return precision
+    """"bf16", "fp16" or "fp32": what ``precision`` means on ``device``.
+
+    "auto" is bf16 mixed precision where the hardware does bf16 natively (measured 1.2-1.5x faster per training
+    step than fp32 on an AVX-512 BF16 CPU: benchmarks/); fp16 mixed precision with a gradient scaler on CUDA GPUs
+    without bf16 (a T4 or V100: Colab's free GPU), whose tensor cores run fp16 many times faster than fp32; fp32
+    elsewhere (other CPUs, Apple's MPS).
+    """
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if fast_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
 
 
 def _autocast(device: torch.device, precision: str):
-    """bf16 autocast (matmuls in bf16, weights, softmax and optimizer in fp32), or nothing for fp32."""
-    if resolve_precision(device, precision) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 or fp16 autocast (matmuls in 16 bits; weights, softmax, loss and optimizer in fp32), or nothing."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(device, precision))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _compiled_blocks(model: GPTModel, enabled: bool = True):
+    """``torch.compile`` each transformer block for the length of training, as torchtune does: every block runs
+    the same code, so one compiled graph serves them all and compiling takes seconds rather than minutes; the loss
+    head (already chunked by hand) stays eager. Afterwards the blocks are eager again: generation calls them with
+    a KV cache, which would only make the compiler trace them anew."""
+    blocks = list(model.blocks) if enabled else []
+    for block in blocks:
+        block.compile()
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile() set
+
+
+def _eager():
+    """Evaluate without the compiled blocks (torch >= 2.6; before, evaluation compiles them once more)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _fingerprint(loader) -> int:
+    """A number that differs, almost surely, between loaders that give different batches: from their length and
+    their first batch's token ids."""
+    first = next(iter(loader))
+    return (len(loader) * 1_000_003 + zlib.crc32(first["input_ids"].numpy().tobytes())) % (2**62)
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -207,9 +241,27 @@ def _interrupts_held():
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _stop_requests():
+    """Record Ctrl-C and SIGTERM instead of raising: processes that train together must stop at the same step,
+    so each asks at the end of every step whether any of them was told to stop (see ``train``)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | None = None,
           optimizer: torch.optim.Optimizer | None = None, resume: Checkpoint | None = None,
-          on_step: Callable[[int, float], None] | None = None, extra_state: dict | None = None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, extra_state: dict | None = None,
+          world: World | None = None) -> TrainResult:
     """Train ``model`` in place and return its loss history.
 
     ``resume`` is a :class:`~gptlib.checkpoint.Checkpoint` read from a file this function saved; training
@@ -218,18 +270,29 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
     weight raises :class:`~gptlib.errors.TrainingDiverged` naming the step; progress saved before it is kept.
     ``on_step(step, loss)`` is called after every optimizer step (for logging, or plotting as training goes).
     ``extra_state`` is stored in every checkpoint's ``train_state`` (a recipe keeps its own bookkeeping there).
+
+    ``world`` (from :func:`gptlib.distributed.session`) trains together with the other processes torchrun
+    started: each takes its rows of every batch, DistributedDataParallel averages the gradients, losses are
+    added up over the processes, and only rank 0 shows progress and saves.
     """
     cfg = cfg or TrainConfig()
-    device = pick_device(cfg.device)
+    world = world or World(device=pick_device(cfg.device))
+    device = world.device if world.distributed else pick_device(cfg.device)
     model.to(device)
     start_step, history, best, bad_evals = 0, {k: [] for k in ("step", "tokens", "train_loss", "val_loss", "lr")}, None, 0
     tokens_seen = 0
+    precision = resolve_precision(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    result = TrainResult(history, 0, None, precision=precision)
     if resume is not None:
         load_weights(model, resume.model_state, source="the resumed checkpoint")
         ts = resume.train_state
         start_step, best, bad_evals = ts.get("step", 0), ts.get("best_val_loss"), ts.get("bad_evals", 0)
         tokens_seen = ts.get("tokens", 0)
-        history = ts.get("history", history)
+        history = result.history = ts.get("history", history)
+        result.skipped_steps = ts.get("skipped_steps", 0)
+        if scaler.is_enabled() and ts.get("grad_scaler"):
+            scaler.load_state_dict(ts["grad_scaler"])
     if optimizer is None:
         optimizer = make_optimizer(model, cfg, resume.optimizer_state if resume is not None else None)
 
@@ -238,14 +301,17 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
         raise UserInputError("the training data gave no batches: is the data set empty?")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * n_batches / cfg.grad_accum)
     save_every = cfg.save_every or cfg.eval_every
-    forward_model = torch.compile(model) if cfg.compile else model
+    world.ready()  # every process got this far: from here on they train in step
+    if world.distributed:
+        world.check_same("training data", _fingerprint(train_loader))
+    # DistributedDataParallel must wrap the module whose forward the step calls: its hooks average the gradients
+    loss_module = world.wrap(StepLoss(model))
     best_state = None
-    precision = resolve_precision(device, cfg.precision)
-    result = TrainResult(history, start_step, best, precision=precision)
+    result.steps, result.best_val_loss = start_step, best
     started = time.perf_counter()
 
-    def micro_batches(first: int):
-        """The stream of training batches from micro-batch ``first`` on, epoch after epoch."""
+    def loader_batches(first: int):
+        """The stream of training batches from batch ``first`` on, epoch after epoch."""
         epoch, skip = divmod(first, n_batches)
         while True:
             sampler = getattr(train_loader, "batch_sampler", None)
@@ -255,10 +321,19 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
             yield from itertools.islice(iter(train_loader), skip, None)
             epoch, skip = epoch + 1, 0
 
+    def mean_loss(loader) -> float:
+        """The loader's mean loss (its first ``eval_batches`` batches), the processes sharing the batches."""
+        with _eager():
+            totals = loss_totals(model, loader, cfg.eval_batches, device, world.rank, world.size)
+        total, count = world.sum(list(totals))
+        if count == 0:
+            raise ValueError("no labelled tokens to evaluate: every label is -100 or the loader is empty")
+        return total / count
+
     def evaluate(step: int) -> None:
         nonlocal best, bad_evals, best_state
-        train_loss = evaluate_loss(forward_model, train_loader, cfg.eval_batches, device)
-        val_loss = evaluate_loss(forward_model, val_loader, cfg.eval_batches, device) if val_loader else None
+        train_loss = mean_loss(train_loader)
+        val_loss = mean_loss(val_loader) if val_loader else None
         for name, loss in (("the training-set loss", train_loss), ("the validation loss", val_loss)):
             if loss is not None and not math.isfinite(loss):
                 raise _diverged(step, f"{name} after the step ({loss})", cfg)
@@ -274,73 +349,108 @@ def train(model: GPTModel, train_loader, val_loader=None, cfg: TrainConfig | Non
                 bad_evals += 1
 
     def save(step: int) -> None:
-        if cfg.checkpoint_path:
+        if cfg.checkpoint_path and world.is_main:
             _check_weights(model, step, cfg)  # never replace a good save with a diverged model
+            scaler_state = {"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {}
             save_checkpoint(cfg.checkpoint_path, model, optimizer, {
                 "step": step, "total_steps": total_steps, "tokens": tokens_seen, "best_val_loss": best,
                 "bad_evals": bad_evals, "history": history, "train_config": _plain(asdict(cfg)),
-                **(extra_state or {})})
+                "skipped_steps": result.skipped_steps, **scaler_state, **(extra_state or {})})
+
+    def backward(batches: list[dict]) -> float:
+        """Gradients of this process's share of a step's batches; returns its part of the step's loss."""
+        micro = [m for batch in batches for m in pieces(batch, world.rows, cfg.micro_batch_size, 1 / cfg.grad_accum)]
+        share = 0.0
+        for i, pieces_now in enumerate(micro):
+            on_device = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in p.items()}
+                         for p in pieces_now]
+            last = i == len(micro) - 1
+            # only the last micro-batch's backward averages the gradients over the processes
+            sync = contextlib.nullcontext() if last or not world.distributed else loss_module.no_sync()
+            with sync:
+                with _autocast(device, precision):
+                    loss = loss_module(on_device)
+                # DDP divides the sum of the processes' gradients by their number: multiply it back
+                scaler.scale(loss * world.size if world.distributed else loss).backward()
+            share += loss.item()
+        return share
 
     step = start_step
-    bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, desc=f"training ({precision})", unit="step")
+    skipped_in_a_row = 0
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and world.is_main),
+               desc=f"training ({precision})", unit="step")
     model.train()
-    restore_sigterm = _sigterm_as_ctrl_c()
-    try:
-        if start_step == 0 and not history["step"]:
-            evaluate(0)
-        batches = micro_batches(start_step * cfg.grad_accum)
-        while step < total_steps:
-            step_batches = [next(batches) for _ in range(cfg.grad_accum)]
-            # Dropout masks depend only on (seed, step), whatever touched the generator before (a new
-            # DataLoader iterator draws from it, for one), so a resumed run repeats the original exactly.
-            torch.manual_seed(_step_seed(cfg.seed, step))
-            lr = learning_rate(step, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for batch in step_batches:
-                with _autocast(device, precision):
-                    loss, n_tokens = batch_loss(forward_model, batch, device)
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                tokens_seen += n_tokens
-            # the norm is needed anyway, to stop at a non-finite gradient (max_norm inf leaves gradients as they are)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
-                what = f"the loss ({step_loss})" if not math.isfinite(step_loss) else "the gradient"
-                raise _diverged(step + 1, what, cfg)
-            with _interrupts_held():  # a Ctrl-C here would leave some weights updated and the step uncounted
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-            result.step_losses.append(step_loss)
-            bar.update(1)
-            if on_step is not None:
-                on_step(step, step_loss)
-            if step % cfg.eval_every == 0 or step == total_steps:
-                evaluate(step)
-                model.train()
-                val_text = "-" if history["val_loss"][-1] is None else f"{history['val_loss'][-1]:.3f}"
-                bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=val_text)
-                if cfg.progress:
-                    bar.write(f"step {step}: train loss {history['train_loss'][-1]:.3f}, val loss {val_text}")
-                if cfg.patience is not None and bad_evals >= cfg.patience:
-                    result.stopped_early = True
-                    break
-            if step % save_every == 0 and step < total_steps:
-                save(step)
-    except KeyboardInterrupt:
-        result.interrupted = True
-        optimizer.zero_grad(set_to_none=True)  # drop a half-accumulated step; the saved state is the last full one
-    finally:
-        bar.close()
-        restore_sigterm()
+    restore_sigterm = _sigterm_as_ctrl_c() if not world.distributed else lambda: None
+    with contextlib.ExitStack() as stack:
+        stop_requests = stack.enter_context(_stop_requests()) if world.distributed else []
+        stack.enter_context(_compiled_blocks(model, cfg.compile))
+        try:
+            if start_step == 0 and not history["step"]:
+                evaluate(0)
+            batches = loader_batches(start_step * cfg.grad_accum)
+            while step < total_steps:
+                step_batches = [next(batches) for _ in range(cfg.grad_accum)]
+                # Dropout masks depend only on (seed, step, rank), whatever touched the generator before (a new
+                # DataLoader iterator draws from it, for one), so a resumed run repeats the original exactly.
+                torch.manual_seed(_step_seed(cfg.seed, step) + world.rank)
+                lr = learning_rate(step, total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                share = backward(step_batches)
+                tokens_seen += sum(label_count(batch) for batch in step_batches)
+                step_loss, stops = world.sum([share, float(len(stop_requests))])
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
+                # the norm is needed anyway, to stop at a non-finite gradient (max_norm inf leaves gradients as they are)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                overflowed = scaler.is_enabled() and not torch.isfinite(grad_norm)
+                if not math.isfinite(step_loss) or not (overflowed or torch.isfinite(grad_norm)):
+                    what = f"the loss ({step_loss})" if not math.isfinite(step_loss) else "the gradient"
+                    raise _diverged(step + 1, what, cfg)
+                # a Ctrl-C here would leave some weights updated and the step uncounted (several processes: the
+                # signal is only recorded, and they stop together after the step)
+                with _interrupts_held() if not world.distributed else contextlib.nullcontext():
+                    scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    result.skipped_steps += overflowed
+                skipped_in_a_row = skipped_in_a_row + 1 if overflowed else 0
+                if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise _diverged(step, f"the fp16 gradient ({skipped_in_a_row} steps in a row, down to a loss "
+                                          f"scale of {scaler.get_scale():g})", cfg)
+                result.step_losses.append(step_loss)
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step, step_loss)
+                if step % cfg.eval_every == 0 or step == total_steps:
+                    evaluate(step)
+                    model.train()
+                    val_text = "-" if history["val_loss"][-1] is None else f"{history['val_loss'][-1]:.3f}"
+                    bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=val_text)
+                    if cfg.progress and world.is_main:
+                        skipped = f" ({result.skipped_steps} fp16 steps skipped)" if result.skipped_steps else ""
+                        bar.write(f"step {step}: train loss {history['train_loss'][-1]:.3f}, val loss {val_text}"
+                                  f"{skipped}")
+                    if cfg.patience is not None and bad_evals >= cfg.patience:
+                        result.stopped_early = True
+                        break
+                if stops and step < total_steps:  # some process was told to stop: all stop after this step
+                    raise KeyboardInterrupt
+                if step % save_every == 0 and step < total_steps:
+                    save(step)
+        except KeyboardInterrupt:
+            result.interrupted = True
+            optimizer.zero_grad(set_to_none=True)  # drop a half-done step; the saved state is the last full one
+        finally:
+            bar.close()
+            restore_sigterm()
+            del loss_module  # before the process group goes (see gptlib.distributed.shutdown)
     if result.stopped_early and best_state is not None:
         model.load_state_dict(best_state)
     save(step)
     result.steps, result.best_val_loss = step, best
     result.seconds = time.perf_counter() - started
-    if result.interrupted and cfg.progress:
+    if result.interrupted and cfg.progress and world.is_main:
         where = f"; saved to {cfg.checkpoint_path} (resume from it)" if cfg.checkpoint_path else ""
         print(f"interrupted at step {step}{where}")
     return result

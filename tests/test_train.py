@@ -8,7 +8,7 @@ from gptlib.data import collate_windows
 from gptlib.tokenizer import decode, encode
 from gptlib.train import learning_rate
 
-from conftest import tiny_config
+from conftest import assert_weights_close, tiny_config
 
 SENTENCE = "Every effort moves you forward, one small step at a time."
 
@@ -129,3 +129,87 @@ def test_ctrl_c_inside_an_optimizer_step_is_held_until_the_step_is_counted(tmp_p
     assert resumed.steps == 10
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_micro_batches_take_the_same_step_as_the_whole_batch():
+    """--micro-batch-size runs a batch a few rows at a time; the step must not change (an instruction batch, whose
+    rows teach different numbers of tokens, so a plain mean of micro-batch means would differ)."""
+    from gptlib import Example, instruction_loader
+    examples = [Example(f"Repeat the word {i} times.", "", " ".join(["dog"] * (1 + i % 5))) for i in range(24)]
+    loader = instruction_loader(examples, batch_size=6, max_length=64, seed=3)
+    weights = []
+    for micro_batch_size in (None, 2, 4):
+        torch.manual_seed(0)
+        model = GPTModel(tiny_config(context_length=64))
+        train(model, loader, cfg=TrainConfig(max_steps=4, lr=3e-3, micro_batch_size=micro_batch_size, progress=False,
+                                             eval_every=10, eval_batches=1, device="cpu", precision="fp32"))
+        weights.append(model.state_dict())
+    for other in weights[1:]:
+        assert_weights_close(weights[0], other, rtol=1e-4)
+
+
+def test_fp16_steps_whose_gradients_overflow_are_skipped_counted_and_resumed_exactly(tmp_path):
+    """fp16 autocast with a gradient scaler (what Colab's T4 trains in) runs on the CPU too. A progress file is
+    given a loss scale so large that the scaled gradients overflow: those steps must leave the weights alone, halve
+    the scale until it fits, be counted, and a run stopped in the middle resumes to the same weights."""
+    import shutil
+
+    text = " ".join(f"line {i} of a small corpus about cats and dogs." for i in range(60))
+    loader = window_loader(encode(text), length=16, batch_size=4, seed=5)
+
+    def run(path, resume=None, stop_at=None):
+        torch.manual_seed(0)
+        model = GPTModel(tiny_config())
+        weights = []
+
+        def on_step(step, loss):
+            weights.append(model.blocks[0].att.qkv.weight.detach().clone())
+            if step == stop_at:
+                raise KeyboardInterrupt
+        cfg = TrainConfig(max_steps=24, lr=3e-3, eval_every=8, eval_batches=1, checkpoint_path=str(path),
+                          progress=False, device="cpu", precision="fp16")
+        return model, train(model, loader, cfg=cfg, resume=resume, on_step=on_step), weights
+
+    _, first, _ = run(tmp_path / "start.pth", stop_at=2)
+    assert first.precision == "fp16" and first.skipped_steps == 0
+    saved = torch.load(tmp_path / "start.pth", weights_only=True)
+    assert saved["train_state"]["grad_scaler"]["scale"] == 2.0**16  # GradScaler's first scale, kept for resuming
+    saved["train_state"]["grad_scaler"]["scale"] = 2.0**24
+    torch.save(saved, tmp_path / "start.pth")
+    for name in ("full.pth", "cut.pth"):
+        shutil.copy(tmp_path / "start.pth", tmp_path / name)
+
+    full_model, full, weights = run(tmp_path / "full.pth", read_checkpoint(tmp_path / "full.pth"))
+    skipped = full.skipped_steps
+    assert 3 <= skipped < 20 and full.steps == 24
+    start = read_checkpoint(tmp_path / "start.pth").model_state["blocks.0.att.qkv.weight"]
+    for w in weights[:skipped]:  # the overflowing steps come first and change nothing
+        assert torch.equal(w, start)
+    assert not torch.equal(weights[skipped], start)  # the first step whose gradients fit
+    assert torch.load(tmp_path / "full.pth", weights_only=True)["train_state"]["skipped_steps"] == skipped
+
+    _, cut, _ = run(tmp_path / "cut.pth", read_checkpoint(tmp_path / "cut.pth"), stop_at=2 + skipped // 2)
+    assert cut.interrupted
+    state = torch.load(tmp_path / "cut.pth", weights_only=True)["train_state"]
+    assert state["grad_scaler"]["scale"] == 2.0 ** (24 - skipped // 2)  # halved once per skipped step
+    resumed_model, resumed, _ = run(tmp_path / "cut.pth", read_checkpoint(tmp_path / "cut.pth"))
+    assert resumed.skipped_steps == skipped
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_compiled_training_gives_the_eager_losses_and_leaves_the_model_eager():
+    text = " ".join(f"line {i} of a small corpus about cats and dogs." for i in range(60))
+    loader = window_loader(encode(text), length=16, batch_size=4, seed=5)
+    losses, models = [], []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = GPTModel(tiny_config(n_layers=2))
+        result = train(model, loader, cfg=TrainConfig(max_steps=4, lr=3e-3, eval_every=2, eval_batches=1,
+                                                      compile=compile, progress=False, device="cpu",
+                                                      precision="fp32"))
+        losses.append(result.step_losses + result.history["train_loss"])
+        models.append(model)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert_weights_close(models[0].state_dict(), models[1].state_dict(), rtol=1e-5)
+    assert all(block._compiled_call_impl is None for block in models[1].blocks)  # generation runs eager
