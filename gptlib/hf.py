@@ -349,14 +349,19 @@ def default_cache_dir() -> Path:
 
 
 def load_pretrained(name: str = "gpt2", cache_dir=None) -> GPTModel:
-    """OpenAI's GPT-2 weights as a :class:`GPTModel`: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl".
+    """OpenAI's GPT-2 weights as a :class:`GPTModel`: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl", or
+    a local folder that holds a saved GPT-2 (``config.json`` and ``model.safetensors``, as ``save_pretrained``
+    writes them), which is read as it is.
 
-    The first call downloads config.json and model.safetensors from the Hugging Face Hub into
+    The first call for a name downloads config.json and model.safetensors from the Hugging Face Hub into
     ``<cache_dir>/<name>/``; later calls read them from there without the network. Offline, place those two
-    files there yourself (or pass any local folder to :func:`from_hf`).
+    files there yourself, or pass the folder that holds them.
     """
+    if Path(name).is_dir():
+        return from_hf(Path(name))
     if name not in PRETRAINED:
-        raise UserInputError(f"unknown pretrained model {name!r}; choose one of {sorted(PRETRAINED)}")
+        raise UserInputError(f"unknown pretrained model {name!r}; choose one of {sorted(PRETRAINED)}, or give a "
+                             "local folder with a saved GPT-2")
     require_transformers()
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = folder / name
@@ -376,10 +381,13 @@ def _download(repo_id: str, target: Path) -> None:
     if HF_HUB_OFFLINE:
         raise UserInputError(f"{target} does not hold {' and '.join(PRETRAINED_FILES)}, and downloads are off "
                              f"(HF_HUB_OFFLINE is set); {how}")
+    made = not target.exists()
     try:
         target.mkdir(parents=True, exist_ok=True)
         snapshot_download(repo_id, local_dir=target, allow_patterns=list(PRETRAINED_FILES))
     except Exception as exc:  # the hub client fails in many ways (offline, DNS, HTTP, disk); each means "no files"
+        if made:
+            shutil.rmtree(target, ignore_errors=True)  # leave no empty folder that looks like a cache entry
         raise UserInputError(f"could not download {repo_id} into {target} ({_first_line(exc)}); {how}") from None
     missing = [f for f in PRETRAINED_FILES if not (target / f).is_file()]
     if missing:

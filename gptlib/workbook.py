@@ -163,3 +163,41 @@ def load_or_make_sarcasm(base_model, name: str = "sarcasm.pth"):
                       schedule="constant", eval_every=pick(25, 2), eval_batches=pick(20, 1), patience=3,
                       checkpoint_path=str(quick), seed=123, precision=train_precision()))
     return model, quick
+
+
+def gpt2_checkpoint(name: str = "gpt2") -> Path | None:
+    """OpenAI's GPT-2 (:func:`gptlib.hf.load_pretrained`), saved once as ``<name>.pth`` beside the workbook's
+    checkpoints so that it is a file like any other: LoRA adapters record their base's path, benchmarks load it.
+
+    Returns None, after one line saying why, when it cannot be had here (no network, no transformers): the
+    notebooks then carry on with the workbook's own model.
+    """
+    from .checkpoint import save_checkpoint
+    from .errors import UserInputError
+    from .hf import load_pretrained
+
+    path = checkpoint_dir() / f"{name}.pth"
+    if path.exists():
+        return path
+    try:
+        model = load_pretrained(name)
+    except UserInputError as exc:
+        print(f"USE_GPT2: GPT-2 cannot be had here ({str(exc).split(';')[0]}), so this notebook carries on with "
+              "the workbook's own model")
+        return None
+    save_checkpoint(path, model)
+    print(f"saved OpenAI's {name} as {short_path(path)} ({model.num_parameters():,} parameters)")
+    return path
+
+
+def load_base(use_gpt2: bool = False):
+    """The model a notebook starts from, as ``(model, path, is_gpt2)``: OpenAI's GPT-2 124M when ``use_gpt2`` is
+    set and it can be had (see :func:`gpt2_checkpoint`), else notebook 04's model (:func:`load_or_make_pretrained`)."""
+    from .checkpoint import load_model
+
+    path = gpt2_checkpoint() if use_gpt2 else None
+    if path is None:
+        return (*load_or_make_pretrained(), False)
+    model, _ = load_model(path)
+    print(f"loaded {short_path(path)}: OpenAI's GPT-2 124M")
+    return model, path, True
