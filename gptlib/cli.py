@@ -28,10 +28,14 @@ EXAMPLES = {
              "      --data dataset/sarcasm/sarcasm_instruction_pairs.jsonl --out checkpoints/sarcasm_lora.pth\n"
              "  gptlib merge --adapter checkpoints/sarcasm_lora.pth --out checkpoints/sarcasm_merged.pth",
     "finetune": "example:\n  gptlib finetune --checkpoint model_and_optimizer.pth --n-heads 4 \\\n"
-                "      --data dataset/sarcasm/sarcasm_instruction_pairs.jsonl --out checkpoints/sarcasm.pth",
+                "      --data dataset/sarcasm/sarcasm_instruction_pairs.jsonl --out checkpoints/sarcasm.pth\n"
+                "several processes (one per GPU; --batch-size stays the examples per step):\n"
+                "  torchrun --standalone --nproc_per_node 2 -m gptlib finetune --checkpoint ... --data ... --out ...",
     "pretrain": "example:\n  gptlib pretrain --data dataset/pretraining/shakespeare_train.txt \\\n"
                 "      --val-data dataset/pretraining/shakespeare_val.txt --preset tiny --max-steps 2000 "
-                "--out checkpoints/pretrained.pth",
+                "--out checkpoints/pretrained.pth\n"
+                "several processes (one per GPU; --batch-size stays the examples per step):\n"
+                "  torchrun --standalone --nproc_per_node 2 -m gptlib pretrain --data ... --out ...",
     "generate": "examples:\n  gptlib generate --checkpoint checkpoints/pretrained.pth \"ROMEO:\" --temperature 0.8 "
                 "--top-k 50\n  gptlib generate --checkpoint checkpoints/sarcasm.pth --instruction "
                 "\"How do I boil an egg?\"",

@@ -120,7 +120,7 @@ def test_notebook_05_fine_tunes_gpt2_with_its_own_recipe(gpt2_env):
                        {**gpt2_env, "_probe": '"gpt2": USE_GPT2, "lr": cfg.lr, "steps": steps, "width": '
                                               'model.config.emb_dim, "tokenizer": model.tokenizer.name'})
     seen = probe(nb)
-    assert seen == {"gpt2": "True", "lr": "0.0001", "steps": "3000", "width": "64", "tokenizer": "gpt2"}
+    assert seen == {"gpt2": "True", "lr": "0.0001", "steps": "6000", "width": "64", "tokenizer": "gpt2"}
     assert "gptlib eval, fresh process:" in printed(nb)
 
 
