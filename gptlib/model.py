@@ -134,6 +134,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, compute_dtype, row_chunk, vocab_chunk):
         n, vocab = h.shape[0], weight.shape[0]
+        # fp16 cannot hold (softmax - one_hot) / n: the small probabilities divided by thousands of rows fall below
+        # its range and the gradient loses them. In fp16 the 1/n is applied afterwards, to the fp32 sums.
+        fold = 1 if compute_dtype == torch.float16 else n
         f32 = dict(dtype=torch.float32, device=h.device)
         w = weight.to(compute_dtype)
         grad_h = torch.zeros(h.shape, **f32)
@@ -151,13 +154,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             peak = logits.amax(dim=0)
             sums = logits.sub_(peak).exp_().sum(dim=0)
             total += (peak + sums.log() - target).sum()
-            grad = logits.mul_(1.0 / (sums * n))
-            grad[yc, rows] -= 1.0 / n
+            grad = logits.mul_(1.0 / (sums * fold))
+            grad[yc, rows] -= 1.0 / fold
             for v in range(0, vocab, vocab_chunk):
                 g = grad[v:v + vocab_chunk].to(compute_dtype)
                 _mm_into(grad_h[start:start + len(yc)], g.t(), w[v:v + vocab_chunk], accumulate=True)
                 if grad_w is not None:
                     _mm_into(grad_w[v:v + vocab_chunk], g, hc, accumulate=start > 0)
+        if fold != n:
+            grad_h.mul_(1.0 / n)
+            if grad_w is not None:
+                grad_w.mul_(1.0 / n)
         # kept on ctx, not saved: they are results, not inputs (and backward scales them in place)
         ctx.grads = (grad_h.to(h.dtype), grad_w.to(weight.dtype) if grad_w is not None else None)
         return total / n

@@ -24,19 +24,17 @@ PARTS = {"": None, "replay_": "replay_weight"}  # key prefix of each part of a b
 
 
 class StepLoss(nn.Module):
-    """The weighted loss of a list of pieces (from :func:`pieces`), as a module.
-
-    It is the module that DistributedDataParallel wraps (its gradient hooks are set up by a call of a wrapped
-    module's forward) and that ``torch.compile`` compiles: the computation each training step really runs.
-    """
+    """The weighted loss of one micro-batch (a list of pieces from :func:`pieces`), as a module: the computation
+    each training step runs, and what DistributedDataParallel wraps (its gradient hooks are armed by a call of the
+    wrapped module's forward, so the step must go through one)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pieces: list[dict]) -> torch.Tensor:
+    def forward(self, micro_batch: list[dict]) -> torch.Tensor:
         total = 0.0
-        for piece in pieces:
+        for piece in micro_batch:
             if piece["labels"] is None:  # nothing to learn in these rows: a zero that still reaches every weight
                 loss = self.model(piece["input_ids"]).float().sum() * 0.0
             else:

@@ -23,7 +23,7 @@ from conftest import ROOT, assert_weights_close, tiny_config
 SARCASM = ROOT / "dataset" / "sarcasm" / "sarcasm_instruction_pairs.jsonl"
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-TIMEOUT = 600  # seconds: a hung collective fails the test instead of hanging it (a limit, not a speed check)
+TIMEOUT = 1800  # seconds: only against a hung collective, never a speed check
 
 
 def torchrun(args, cwd, nproc=2, launcher=("--standalone",), **popen):

@@ -82,7 +82,7 @@ def run_with_gpt2(name: str, env: dict) -> nbformat.NotebookNode:
         cell.outputs = []
     probe = "import json\nprint('PROBE ' + json.dumps({k: str(v) for k, v in {%s}.items()}))"
     nb.cells.append(nbformat.v4.new_code_cell(probe % env.pop("_probe")))
-    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
     client.execute(env=env)
     return nb
