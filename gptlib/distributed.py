@@ -170,7 +170,8 @@ def session(device: str = "auto", backend: str = "auto", timeout_minutes: float 
     Started by torchrun, the processes join one group (gloo on CPUs, nccl on GPUs) and each gets its device. An
     error in set-up (a bad file, an existing output) happens in every process, or in some: the processes agree
     on the lowest rank that failed, which reports it, while the others stop quietly (:class:`OtherRankFailed`).
-    After set-up, an error that every process meets alike (training diverged) is reported by rank 0 alone.
+    After set-up, an error that every process meets alike (training diverged) is reported by rank 0 alone, and a
+    process whose peer went away in the middle of a collective stops quietly: the peer reports why.
     Without torchrun, the world is this process alone and the block runs as it is.
     """
     if not launched():
@@ -194,11 +195,25 @@ def session(device: str = "auto", backend: str = "auto", timeout_minutes: float 
             first_failed = _first_failed_or_none(world)
             if first_failed is not None and first_failed != world.rank:
                 raise OtherRankFailed(_exit_code(exc)) from None
+        elif peer_gone(exc):
+            raise OtherRankFailed(1) from None  # the process that went away says why (or torchrun does)
         elif not world.is_main and isinstance(exc, (UserInputError, KeyboardInterrupt)):
             raise OtherRankFailed(_exit_code(exc)) from None  # rank 0 met the same and reports it
         raise
     finally:
         shutdown(wait_for_others=finished)
+
+
+# what gloo says when the process at the other end of a collective has gone (nccl raises DistError and subclasses)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker")
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` says only that another process stopped talking, in the middle of a collective: a
+    consequence of that process's failure, which it reports itself."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in PEER_GONE)
 
 
 def _first_failed_or_none(world: World) -> int | None:

@@ -146,11 +146,13 @@ def test_a_bad_input_is_reported_once_and_writes_nothing(workdir):
                                        "finetune or classify train, and run gptlib generate on its own"]
 
 
-def test_a_failure_in_one_process_is_reported_by_that_process_alone(tmp_path):
-    run = torchrun([WORKER, "fail-on-rank-1", tmp_path], cwd=ROOT)
+@pytest.mark.parametrize("mode, message", [("fail-on-rank-1", "data.txt: rank 1 cannot read its copy"),
+                                           ("fail-on-rank-0-in-training", "the disk is full (rank 0, while training)")])
+def test_a_failure_in_one_process_is_reported_by_that_process_alone(tmp_path, mode, message):
+    run = torchrun([WORKER, mode, tmp_path], cwd=ROOT)
     assert run.returncode != 0
-    assert error_lines(run.stderr) == ["error: data.txt: rank 1 cannot read its copy"]
-    assert "OtherRankFailed" not in run.stderr and "[rank0]" not in run.stderr
+    assert error_lines(run.stderr) == [f"error: {message}"]
+    assert "OtherRankFailed" not in run.stderr and "[rank0]" not in run.stderr and "[rank1]" not in run.stderr
     assert not list(tmp_path.iterdir())
 
 
