@@ -15,6 +15,8 @@ import contextlib
 import datetime
 import gc
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +192,7 @@ def session(device: str = "auto", backend: str = "auto", timeout_minutes: float 
     except OtherRankFailed:
         raise
     except BaseException as exc:
+        _hold_sigterm()
         if not world.agreed:  # failed in set-up: the others learn it at their ready(), or here if they failed too
             world.agreed = True
             first_failed = _first_failed_or_none(world)
@@ -214,6 +217,15 @@ def peer_gone(exc: BaseException) -> bool:
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in PEER_GONE)
+
+
+def _hold_sigterm() -> None:
+    """A failing process is about to stop, and one of the failing processes reports why: let SIGTERM not cut that
+    short. When the first of them exits, torchrun sends SIGTERM to the others, which could otherwise kill the one
+    that reports between here and its message (torchrun still sends SIGKILL after its grace period, should a
+    process hang)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _first_failed_or_none(world: World) -> int | None:
