@@ -273,6 +273,7 @@ def _finetune(opts: FinetuneOptions, log=print, lock: RunLock | None = None, wor
                         checkpoint_path=str(paths.progress), save_every=opts.save_every)
     result = train(model, train_loader, val_loader, cfg, resume=resume, world=world,
                    extra_state={"data_sha256": data_hash, "test_loss_before": test_before})
+    _note_skipped(result, log)
     if result.interrupted or not world.is_main:
         return _stopped(result, paths, world)
     test_after = evaluate_loss(model, test_loader, device=device)
@@ -434,6 +435,7 @@ def _pretrain(opts: PretrainOptions, log=print, lock: RunLock | None = None, wor
                         save_every=opts.save_every)
     result = train(model, train_loader, val_loader, cfg, resume=resume, world=world,
                    extra_state={"data_sha256": data_hash})
+    _note_skipped(result, log)
     if result.interrupted or not world.is_main:
         return _stopped(result, paths, world)
     metrics = {"command": "pretrain", "data": str(opts.data), "config": model.config.to_dict(),
@@ -542,6 +544,7 @@ def _train_classifier(opts: ClassifierOptions, log=print, lock: RunLock | None =
                         checkpoint_path=str(paths.progress))
     result = train(model, train_loader, val_loader, cfg, resume=resume, world=world,
                    extra_state={"data_sha256": data_hash})
+    _note_skipped(result, log)
     if result.interrupted or not world.is_main:
         return _stopped(result, paths, world)
     predicted = predict_proba(model, [t.text for t in split.test]).argmax(1).tolist()
@@ -561,6 +564,13 @@ def _stopped(result, paths: RunPaths, world: World) -> dict:
     if result.interrupted:
         return {"interrupted": True, "steps": result.steps, "progress": str(paths.progress), "rank": world.rank}
     return {"rank": world.rank}
+
+
+def _note_skipped(result, log) -> None:
+    """fp16 training: say how many steps the gradient scaler skipped (their gradients overflowed)."""
+    if result.skipped_steps:
+        log(f"fp16: {result.skipped_steps} of {result.steps} steps skipped because their gradients overflowed "
+            "(the loss scale was lowered each time)")
 
 
 def _run_facts(result, world: World) -> dict:

@@ -103,6 +103,17 @@ def test_finetune_then_generate_and_eval(workdir, capsys):
     assert len((workdir / "out" / "pred.jsonl").read_text().splitlines()) == 3
 
 
+def test_finetune_in_fp16_with_micro_batches(workdir, capsys, tmp_path):
+    """The flags a T4 user reaches for: fp16 with a gradient scaler, and batches run a few examples at a time."""
+    code, _, err = run(finetune_args(workdir, **{"--out": tmp_path / "fp16.pth", "--precision": "fp16",
+                                                 "--micro-batch-size": "3", "--max-steps": "3"}), capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "fp16.metrics.json").read_text())
+    assert metrics["precision"] == "fp16" and metrics["skipped_steps"] == 0 and metrics["processes"] == 1
+    assert metrics["options"]["micro_batch_size"] == 3
+    assert "grad_scaler" not in torch.load(tmp_path / "fp16.pth", weights_only=True).get("train_state", {})
+
+
 def test_fixture_checkpoint_from_the_seed_guide(fixture_dir, workdir, capsys, tmp_path):
     code, _, err = run(finetune_args(workdir, **{"--checkpoint": fixture_dir / "model_and_optimizer_tiny.pth",
                                                  "--n-heads": "2", "--out": tmp_path / "guide.pth"}), capsys)
